@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make bench   - the main job on the embedded default model
+#   make test    - the test suite
+# Each builds .venv itself: torch==2.13.0 (CPU wheel) first, then flexdiff, so pip keeps that torch.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.flexdiff-installed
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: setup bench bench-full test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(FIND_LINKS) torch==2.13.0
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test]'
+	@$(BIN)/python -m pip list 2>/dev/null | grep -E '^torch +2\.13\.0' >/dev/null \
+		|| { echo "torch is not 2.13.0 after install" >&2; exit 1; }
+	@! $(BIN)/python -m pip list 2>/dev/null | grep -i '^nvidia' \
+		|| { echo "CUDA packages were pulled in" >&2; exit 1; }
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(BIN)/flexdiff bench --preset quick --out runs/bench
+
+bench-full: $(STAMP)
+	$(BIN)/flexdiff bench --preset full --out runs/bench-full
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,236 @@
+"""`flexdiff bench`: methods side by side, one run, same model, same initial noise.
+
+Every method samples from the same x_T as the teacher, so quality is reported both as FID
+against real data and as paired differences to the teacher. Results of each method are
+stored as they finish; a killed bench started again reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .cost import StepCosts, measure_step_costs
+from .errors import FlexdiffError
+from .io import save_figure, save_safetensors, write_json, write_text
+from .metrics import QualityMeter
+from .models import LoadedModel
+from .sampling import initial_noise, sample
+from .schedule import Schedule
+
+FAMILY_STYLE = {  # colour, marker
+    "teacher": ("black", "*"),
+    "ddim": ("tab:blue", "o"),
+    "dpmsolver++": ("tab:orange", "s"),
+    "deepcache": ("tab:green", "^"),
+    "schedule": ("tab:red", "D"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    schedule: Schedule
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    samples: int = 1000
+    seed: int = 0
+    batch_size: int = 250
+    teacher_steps: int = 100
+    ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
+    dpm_steps: tuple[int, ...] = (5, 10, 20)
+    deepcache_intervals: tuple[int, ...] = (2, 3, 5)
+    deepcache_branches: tuple[int, ...] = (0, 2)
+
+    def methods(self, extra: tuple[Schedule, ...] = ()) -> list[Method]:
+        t = self.teacher_steps
+        out = [Method(f"teacher DDIM-{t}", "teacher", Schedule.full("ddim", t))]
+        out += [Method(f"DDIM-{s}", "ddim", Schedule.full("ddim", s)) for s in self.ddim_steps]
+        out += [Method(f"DPM-Solver++-{s}", "dpmsolver++", Schedule.full("dpmsolver++", s)) for s in self.dpm_steps]
+        out += [
+            Method(f"DeepCache 1:{n} b{b} (DDIM-{t})", "deepcache", Schedule.deepcache("ddim", t, n, b))
+            for b in self.deepcache_branches for n in self.deepcache_intervals
+        ]
+        out += [Method(s.name or f"schedule {i}", "schedule", s) for i, s in enumerate(extra)]
+        return out
+
+
+PRESETS = {
+    # the README's main job: a few minutes on 2 cores
+    "quick": BenchConfig(samples=500, ddim_steps=(10, 20), dpm_steps=(10,), deepcache_intervals=(3, 5),
+                         deepcache_branches=(0, 2)),
+    # the docs' table: about 20 minutes on 2 cores
+    "full": BenchConfig(samples=2000),
+}
+
+
+def _model_fingerprint(model: LoadedModel) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.unet.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
+    blob = json.dumps([fingerprint, method.schedule.to_dict()["steps"], method.schedule.sampler,
+                       cfg.samples, cfg.seed, cfg.batch_size], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter,
+              extra: tuple[Schedule, ...] = (), progress=None) -> dict:
+    out_dir = Path(out_dir)
+    cache_dir = out_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    methods = cfg.methods(extra)
+    costs = measure_step_costs(model.unet)
+    for m in methods:
+        m.schedule.check_fits(len(costs.partial))
+    c = model.unet.config
+    noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
+    fp = _model_fingerprint(model)
+
+    task = progress.add_task("bench", total=len(methods)) if progress else None
+    runs = []
+    for m in methods:
+        path = cache_dir / f"{_method_key(fp, m, cfg)}.safetensors"
+        if path.exists():
+            stored = load_file(path)
+            images, seconds, resumed = stored["images"], float(stored["seconds"]), True
+        else:
+            r = sample(model.unet, model.scheduler_config, m.schedule, noise, cfg.batch_size,
+                       progress=progress, description=m.name)
+            images, seconds, resumed = r.images, r.seconds, False
+            save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds)})
+        runs.append((m, images, seconds, resumed))
+        if task is not None:
+            progress.update(task, advance=1)
+
+    teacher_feats = meter.features(runs[0][1])
+    teacher_macs = costs.schedule_macs(runs[0][0].schedule)
+    teacher_sec = runs[0][2]
+    rows = []
+    for m, images, seconds, resumed in runs:
+        feats = teacher_feats if m.family == "teacher" else meter.features(images)
+        metrics = meter.report(feats, None if m.family == "teacher" else teacher_feats)
+        macs = costs.schedule_macs(m.schedule)
+        rows.append(dict(
+            method=m.name, family=m.family, schedule=m.schedule.to_dict(),
+            counts=m.schedule.counts(), macs_per_image=macs,
+            speedup_macs=teacher_macs / macs, seconds=seconds,
+            ms_per_image=1000 * seconds / cfg.samples, speedup_wall=teacher_sec / seconds,
+            resumed=resumed, metrics={k: v.to_dict() for k, v in metrics.items()},
+        ))
+    result = dict(
+        config=dict(cfg.__dict__), model=str(model.path), model_fingerprint=fp,
+        feature_space=meter.name, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
+        rows=rows,
+    )
+    write_json(out_dir / "bench.json", result)
+    write_text(out_dir / "bench.md", markdown_table(result))
+    plot_bench(result, out_dir / "bench.png")
+    save_comparison_grid(runs, out_dir / "samples.png")
+    return result
+
+
+def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
+    if d is None:
+        return "—"
+    return f"{d['value'] * scale:.{digits}f} ± {(d['hi'] - d['lo']) / 2 * scale:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        f"Samples per method: {cfg['samples']} (seed {cfg['seed']}, same initial noise for every method); "
+        f"feature space: {result['feature_space']}; intervals: 95% (bootstrap standard error, ± half-width); "
+        f"torch threads: {result['threads']}.",
+        "",
+        "| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | ms/image "
+        "| FID | FID − teacher (paired) | KID ×10³ | rFID | teacher dist. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        m, c = r["metrics"], r["counts"]
+        lines.append(
+            f"| {r['method']} | {c['full']}/{c['partial']}/{c['null']} | {r['macs_per_image'] / 1e6:,.0f} "
+            f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {r['ms_per_image']:.1f} "
+            f"| {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} | {_est(m.get('kid'), 2, 1e3)} "
+            f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(result: dict, path: Path) -> Path:
+    """Left: FID against real data. Right: the paired FID difference to the teacher (narrower intervals)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = (("fid", "FID vs real digits"), ("fid_minus_teacher", "FID − teacher FID (paired, same noise)"))
+    teacher_fid = result["rows"][0]["metrics"]["fid"]["value"]
+    for ax, (key, title) in zip(axes, panels):
+        seen = set()
+        for r in result["rows"]:
+            e = r["metrics"].get(key, {"value": 0.0, "lo": 0.0, "hi": 0.0} if r["family"] == "teacher" else None)
+            if e is None:
+                continue
+            color, marker = FAMILY_STYLE.get(r["family"], ("gray", "x"))
+            ax.errorbar(r["macs_per_image"] / 1e9, e["value"], yerr=[[e["value"] - e["lo"]], [e["hi"] - e["value"]]],
+                        fmt=marker, color=color, label=None if r["family"] in seen else r["family"],
+                        ms=9 if r["family"] == "teacher" else 6, capsize=2)
+            seen.add(r["family"])
+        five = 0.05 * teacher_fid
+        ax.axhline(teacher_fid + five if key == "fid" else five, color="gray", ls="--", lw=0.8,
+                   label="teacher FID + 5%")
+        if key != "fid":
+            ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel("GMACs per image, whole sampling run (log)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"FID ({result['feature_space']} features)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Quality vs cost — {result['config']['samples']} samples per method, same noise, 95% intervals")
+    save_figure(path, fig)
+    plt.close(fig)
+    return path
+
+
+def save_comparison_grid(runs, path: Path, per_row: int = 12) -> Path:
+    """One row per method, the same initial noise in each column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .grids import grid_array
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(per_row * 0.55, len(runs) * 0.62 + 0.3))
+    axes = np.atleast_1d(axes)
+    for ax, (m, images, _, _) in zip(axes, runs):
+        arr = grid_array(images[:per_row], ncol=per_row, scale=2)
+        ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(m.name, rotation=0, ha="right", va="center", fontsize=7)
+    save_figure(path, fig)
+    plt.close(fig)
+    return path

@@ -1,0 +1,338 @@
+"""The `flexdiff` command line: train | sample | evaluate | bench."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .errors import FlexdiffError
+
+app = typer.Typer(
+    help="Sample pretrained diffusion models faster: step schedules (full / partial / null) "
+    "on diffusers UNets, with honest quality and cost measurements.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """flexdiff: faster sampling for pretrained diffusion models."""
+
+ModelOpt = typer.Option(
+    None,
+    "--model",
+    help="A local diffusers UNet2DModel / UNet2DConditionModel folder or pipeline folder. "
+    "Default: the digits UNet shipped with flexdiff.",
+)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def user_errors(fn):
+    """Turn a FlexdiffError into one red line and exit code 2 (no stack trace)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlexdiffError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _threads(threads: Optional[int]) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@app.command()
+@user_errors
+def train(
+    out: Path = typer.Option(..., "--out", help="Folder for the trained model (diffusers layout) and its checkpoint."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of images to train on. Default: scikit-learn's digits (train split, 16x16)."),
+    resolution: int = typer.Option(16, min=8, help="Image size for --data (square)."),
+    steps: int = typer.Option(2400, min=1, help="Optimiser steps."),
+    batch_size: int = typer.Option(128, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints; a killed run resumes from the last one."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+):
+    """Train a diffusion UNet (epsilon prediction, DDPM, EMA weights). Resumes if --out holds a checkpoint."""
+    import time
+
+    from .data import load_digits_split, load_image_folder
+    from .models import DEFAULT_UNET_CONFIG, build_default_unet
+    from .train import TrainConfig, train as run_train
+
+    _threads(threads)
+    if data is None:
+        images, _ = load_digits_split("train")
+        unet = build_default_unet(seed)
+    else:
+        images = load_image_folder(data, resolution)
+        c = images.shape[1]
+        unet = build_default_unet(seed, sample_size=resolution, in_channels=c, out_channels=c)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    t0 = time.perf_counter()
+    with progress_bar() as progress:
+        summary = run_train(unet, images, out, cfg, progress=progress)
+    console.print(
+        f"trained {steps} steps on {images.shape[0]} images; final loss {summary['final_loss_last200']:.4f}; "
+        f"this run {time.perf_counter() - t0:.0f} s, total {summary['wall_time_s']:.0f} s -> {out}"
+    )
+
+
+def _parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FlexdiffError(f"{option} {text!r}: expected comma-separated whole numbers, e.g. 5,10,20") from None
+    if any(v < 1 for v in values) and option != "--deepcache-branches":
+        raise FlexdiffError(f"{option} {text!r}: every value must be >= 1")
+    if any(v < 0 for v in values):
+        raise FlexdiffError(f"{option} {text!r}: every value must be >= 0")
+    return values
+
+
+def _resolve_schedule(schedule: Optional[Path], sampler: str, steps: int,
+                      deepcache: Optional[int], branch: int):
+    from .schedule import SAMPLERS, Schedule
+
+    if schedule is not None:
+        return Schedule.load(schedule)
+    if sampler not in SAMPLERS:
+        raise FlexdiffError(f"--sampler {sampler!r}: accepted values are {', '.join(SAMPLERS)}")
+    if deepcache:
+        return Schedule.deepcache(sampler, steps, deepcache, branch)
+    return Schedule.full(sampler, steps)
+
+
+def _load_cond(path: Optional[Path], guidance: float, model):
+    """Conditioning for a UNet2DConditionModel from a safetensors file."""
+    if not model.is_conditional:
+        if path is not None:
+            raise FlexdiffError("--cond is only for conditional UNets (UNet2DConditionModel)")
+        return None
+    if path is None:
+        raise FlexdiffError(
+            "this model is a UNet2DConditionModel: pass --cond FILE.safetensors with tensors "
+            "'encoder_hidden_states' (1 or N, seq, dim) and optionally 'negative'"
+        )
+    from safetensors.torch import load_file
+
+    from .sampling import Conditioning
+
+    if not path.is_file():
+        raise FlexdiffError(f"--cond {path}: no such file")
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise FlexdiffError(f"--cond {path}: not a readable safetensors file ({e})") from None
+    if "encoder_hidden_states" not in tensors:
+        raise FlexdiffError(f"--cond {path}: missing tensor 'encoder_hidden_states' (found {sorted(tensors)})")
+    return Conditioning(tensors["encoder_hidden_states"], tensors.get("negative"), guidance)
+
+
+SamplerOpt = typer.Option("ddim", "--sampler", help="ddim | dpmsolver++ | euler (ignored with --schedule).")
+StepsOpt = typer.Option(100, "--steps", min=1, help="Sampler steps (ignored with --schedule).")
+ScheduleOpt = typer.Option(None, "--schedule", help="A schedule JSON (full / partial:<branch> / null per step).")
+DeepCacheOpt = typer.Option(None, "--deepcache", min=1, help="DeepCache uniform 1:N: a full step every N steps, partial between.")
+BranchOpt = typer.Option(0, "--branch", min=0, help="Cache branch of partial steps for --deepcache (0 = cheapest).")
+
+
+@app.command("sample")
+@user_errors
+def sample_cmd(
+    out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
+    model: Optional[Path] = ModelOpt,
+    schedule: Optional[Path] = ScheduleOpt,
+    sampler: str = SamplerOpt,
+    steps: int = StepsOpt,
+    deepcache: Optional[int] = DeepCacheOpt,
+    branch: int = BranchOpt,
+    n: int = typer.Option(64, "--n", min=1, help="Number of images."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    cond: Optional[Path] = typer.Option(None, "--cond", help="Conditional UNets: safetensors with 'encoder_hidden_states' [and 'negative']."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (conditional UNets)."),
+    save_tensors: Optional[Path] = typer.Option(None, "--save-tensors", help="Also save the raw samples (safetensors)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Draw samples with a schedule (or a plain sampler) and write a PNG grid."""
+    from .cost import measure_step_costs
+    from .grids import save_grid
+    from .models import load_model
+    from .sampling import initial_noise, sample
+
+    _threads(threads)
+    loaded = load_model(model)
+    sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch)
+    conditioning = _load_cond(cond, guidance, loaded)
+    c = loaded.unet.config
+    noise = initial_noise(n, (c.in_channels, c.sample_size, c.sample_size), seed)
+    with progress_bar() as progress:
+        result = sample(loaded.unet, loaded.scheduler_config, sched, noise, cond=conditioning,
+                        progress=progress, description=f"sampling {sched.describe()}")
+    save_grid(result.images, out)
+    if save_tensors:
+        from .io import save_safetensors
+
+        save_safetensors(save_tensors, {"images": result.images})
+    costs = measure_step_costs(loaded.unet, guidance=conditioning is not None and guidance != 1.0)
+    console.print(
+        f"{n} samples, {sched.describe()}: {costs.schedule_macs(sched) / 1e6:,.1f} M MACs/image, "
+        f"{1000 * result.seconds / n:.2f} ms/image -> {out}"
+    )
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Optional[Path] = ModelOpt,
+    schedule: Optional[Path] = ScheduleOpt,
+    sampler: str = SamplerOpt,
+    steps: int = StepsOpt,
+    deepcache: Optional[int] = DeepCacheOpt,
+    branch: int = BranchOpt,
+    samples: int = typer.Option(1000, min=2, help="Samples to draw (1,000 gives FID intervals of about ±1.5 on the default)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise (shared with the teacher)."),
+    teacher_steps: int = typer.Option(100, min=1, help="The teacher is DDIM with this many steps, on the same noise."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid Inception weights file: standard FID instead of the digits classifier."),
+    real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Measure quality: FID and KID against real data, and rFID / paired FID difference / distance to the teacher."""
+    from .io import write_json
+    from .metrics import QualityMeter
+    from .models import load_model
+    from .sampling import initial_noise, sample
+    from .schedule import Schedule
+
+    _threads(threads)
+    loaded = load_model(model)
+    sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch)
+    c = loaded.unet.config
+    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size), inception_weights, real_data)
+    teacher = Schedule.full("ddim", teacher_steps)
+    noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
+    with progress_bar() as progress:
+        res = sample(loaded.unet, loaded.scheduler_config, sched, noise, progress=progress,
+                     description=f"sampling {sched.describe()}")
+        teacher_feats = None
+        if sched.steps != teacher.steps or sched.sampler != teacher.sampler:
+            t_res = sample(loaded.unet, loaded.scheduler_config, teacher, noise, progress=progress,
+                           description=f"teacher {teacher.describe()}")
+            teacher_feats = meter.features(t_res.images)
+    metrics = meter.report(meter.features(res.images), teacher_feats)
+    console.print(f"{sched.describe()} on {samples} samples (seed {seed}), {meter.name} features, 95% intervals:")
+    for k, v in metrics.items():
+        scale = 1e3 if k == "kid" else 1.0
+        label = "kid x1e3" if k == "kid" else k
+        console.print(f"  {label:18s} {v.value * scale:8.3f}  [{v.lo * scale:.3f}, {v.hi * scale:.3f}]")
+    if out:
+        write_json(out, dict(schedule=sched.to_dict(), samples=samples, seed=seed, features=meter.name,
+                             metrics={k: v.to_dict() for k, v in metrics.items()}))
+
+
+@app.command()
+@user_errors
+def bench(
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.md, bench.json, bench.png, samples.png (and a resumable cache)."),
+    model: Optional[Path] = ModelOpt,
+    preset: str = typer.Option("quick", help="quick (a few minutes: the README's main job) or full (the docs' table)."),
+    samples: Optional[int] = typer.Option(None, min=2, help="Override the preset's samples per method."),
+    seed: int = typer.Option(0, help="Seed of the shared initial noise."),
+    teacher_steps: Optional[int] = typer.Option(None, min=1, help="Teacher DDIM steps (preset: 100)."),
+    ddim_steps: Optional[str] = typer.Option(None, help="DDIM step counts, e.g. 5,10,20,50."),
+    dpm_steps: Optional[str] = typer.Option(None, help="DPM-Solver++ step counts, e.g. 5,10,20."),
+    deepcache: Optional[str] = typer.Option(None, help="DeepCache intervals N (uniform 1:N), e.g. 2,3,5."),
+    deepcache_branches: Optional[str] = typer.Option(None, help="DeepCache branches, e.g. 0,2."),
+    schedule: list[Path] = typer.Option([], "--schedule", help="Extra schedule JSON files to include (repeatable)."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
+    real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Run the teacher and the peers side by side on the same noise; write a table, a plot and sample grids."""
+    import dataclasses
+
+    from .bench import PRESETS, run_bench
+    from .metrics import QualityMeter
+    from .models import load_model
+    from .schedule import Schedule
+
+    _threads(threads)
+    if preset not in PRESETS:
+        raise FlexdiffError(f"--preset {preset!r}: accepted values are {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    overrides = dict(
+        samples=samples, teacher_steps=teacher_steps,
+        ddim_steps=ddim_steps and _parse_ints(ddim_steps, "--ddim-steps"),
+        dpm_steps=dpm_steps and _parse_ints(dpm_steps, "--dpm-steps"),
+        deepcache_intervals=deepcache and _parse_ints(deepcache, "--deepcache"),
+        deepcache_branches=deepcache_branches and _parse_ints(deepcache_branches, "--deepcache-branches"),
+    )
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    extra = tuple(Schedule.load(p) for p in schedule)
+    loaded = load_model(model)
+    c = loaded.unet.config
+    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size), inception_weights, real_data)
+    with progress_bar() as progress:
+        result = run_bench(loaded, cfg, out, meter, extra, progress=progress)
+    from .bench import markdown_table
+
+    console.print(markdown_table(result), highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}/bench.md, bench.json, bench.png, samples.png")
+
+
+@app.command("train-classifier")
+@user_errors
+def train_classifier_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for model.safetensors and config.json."),
+    epochs: int = typer.Option(30, min=1),
+    seed: int = typer.Option(0),
+):
+    """Train the digits classifier whose features define the default FID space (shipped in the package)."""
+    from .metrics.classifier import train_classifier
+
+    with progress_bar() as progress:
+        info = train_classifier(out, epochs=epochs, seed=seed, progress=progress)
+    console.print(f"test accuracy {info['test_accuracy']:.4f} on {info['test_images']} images -> {out}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

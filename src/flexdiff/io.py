@@ -1,0 +1,50 @@
+"""Atomic writes: a crash never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and shipped files are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda p: p.write_text(text))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def torch_save(path: Path, obj: Any) -> Path:
+    return _atomic(path, lambda p: torch.save(obj, p))
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    return _atomic(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p)))
+
+
+def save_figure(path: Path, fig) -> Path:
+    """Save a matplotlib figure atomically (format from the path's suffix)."""
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return _atomic(path, lambda p: fig.savefig(p, format=fmt, dpi=120, bbox_inches="tight"))

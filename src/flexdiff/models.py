@@ -1,0 +1,132 @@
+"""Loading diffusers UNets (the shipped default or a user's folder) with clear errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from .errors import FlexdiffError
+
+UNet = UNet2DModel | UNet2DConditionModel
+
+# Architecture of the embedded default (about 1.1 M parameters, 61.7 M MACs per forward).
+DEFAULT_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    attention_head_dim=32,
+)
+
+# The noise schedule the default model is trained with (DDPM, linear betas, 1,000 steps).
+DEFAULT_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+)
+
+
+def assets_dir() -> Path:
+    return Path(str(resources.files("flexdiff") / "assets"))
+
+
+def default_model_dir() -> Path:
+    return assets_dir() / "default_unet"
+
+
+@dataclass
+class LoadedModel:
+    """A UNet plus the scheduler config it was trained with, and where it came from."""
+
+    unet: UNet
+    scheduler_config: dict
+    path: Path
+
+    @property
+    def is_conditional(self) -> bool:
+        return isinstance(self.unet, UNet2DConditionModel)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FlexdiffError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def load_model(path: Path | str | None = None) -> LoadedModel:
+    """Load a UNet2DModel / UNet2DConditionModel from a diffusers folder.
+
+    `path` may be a UNet folder (config.json + weights) or a pipeline folder (model_index.json
+    with a `unet/` subfolder and usually `scheduler/`). None means the shipped default.
+    """
+    path = default_model_dir() if path is None else Path(path)
+    if not path.exists():
+        raise FlexdiffError(f"--model {path}: no such file or folder")
+    if not path.is_dir():
+        raise FlexdiffError(f"--model {path}: expected a diffusers model folder, got a file")
+    unet_dir, sched_file = path, path / "scheduler_config.json"
+    if (path / "model_index.json").exists():
+        unet_dir = path / "unet"
+        sched_file = path / "scheduler" / "scheduler_config.json"
+    config_file = unet_dir / "config.json"
+    if not config_file.exists():
+        raise FlexdiffError(
+            f"--model {path}: not a diffusers model folder (no config.json"
+            f"{' in unet/' if unet_dir != path else ''} and no model_index.json)"
+        )
+    config = _read_json(config_file, "the UNet config")
+    cls_name = config.get("_class_name")
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    if cls_name not in classes:
+        raise FlexdiffError(
+            f"{config_file}: _class_name is {cls_name!r}; flexdiff supports "
+            f"{', '.join(classes)}"
+        )
+    if not any(unet_dir.glob("*.safetensors")):
+        raise FlexdiffError(
+            f"--model {path}: no safetensors weights in {unet_dir} (flexdiff does not unpickle "
+            "*.bin files; convert them with diffusers' save_pretrained(safe_serialization=True))"
+        )
+    try:
+        unet = classes[cls_name].from_pretrained(unet_dir, use_safetensors=True)
+    except FlexdiffError:
+        raise
+    except Exception as e:  # diffusers raises many kinds for corrupt files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlexdiffError(f"--model {path}: cannot load the weights ({msg})") from None
+    unet.eval().requires_grad_(False)
+    sched = (
+        _read_json(sched_file, "the scheduler config")
+        if sched_file.exists()
+        else dict(DEFAULT_SCHEDULER_CONFIG)
+    )
+    return LoadedModel(unet=unet, scheduler_config=sched, path=path)
+
+
+def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:
+    """A freshly initialised UNet with the default architecture (for training)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(**{**DEFAULT_UNET_CONFIG, **overrides})
+
+
+def save_model(unet: UNet, scheduler_config: dict, out_dir: Path) -> Path:
+    """`save_pretrained` layout (safetensors) plus the scheduler config beside it."""
+    from .io import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out_dir, safe_serialization=True)
+    write_json(out_dir / "scheduler_config.json", scheduler_config)
+    return out_dir

@@ -1,0 +1,182 @@
+"""A schedule: the sampler, its step count, and each step's kind (full, partial at a branch, or null).
+
+Plain data (a frozen dataclass) that round-trips through JSON. A schedule says *when* a step
+is partial; *where* the network is cut (which blocks a branch skips) lives in `flexdiff.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from .errors import FlexdiffError
+from .io import write_json
+
+SAMPLERS = ("ddim", "dpmsolver++", "euler")
+SCHEDULE_FORMAT = 1
+
+
+class StepKind(str, Enum):
+    FULL = "full"
+    PARTIAL = "partial"
+    NULL = "null"
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    branch: int | None = None  # only for PARTIAL: 0 = shallowest (cheapest) cut
+
+    def __post_init__(self):
+        if self.kind is StepKind.PARTIAL:
+            if not isinstance(self.branch, int) or self.branch < 0:
+                raise FlexdiffError(f"a partial step needs a branch >= 0 (got {self.branch!r})")
+        elif self.branch is not None:
+            raise FlexdiffError(f"a {self.kind.value} step takes no branch (got {self.branch})")
+
+    def to_str(self) -> str:
+        return f"partial:{self.branch}" if self.kind is StepKind.PARTIAL else self.kind.value
+
+    @classmethod
+    def parse(cls, text: str, where: str = "step") -> "Step":
+        if not isinstance(text, str):
+            raise FlexdiffError(f"{where}: expected a string like 'full', 'partial:2' or 'null', got {text!r}")
+        kind, _, branch = text.strip().partition(":")
+        try:
+            kind_enum = StepKind(kind)
+        except ValueError:
+            raise FlexdiffError(
+                f"{where}: unknown step kind {kind!r}; accepted: full, partial:<branch>, null"
+            ) from None
+        if kind_enum is StepKind.PARTIAL:
+            if not branch.isdigit():
+                raise FlexdiffError(f"{where}: {text!r} needs a branch number, e.g. 'partial:1'")
+            return cls(kind_enum, int(branch))
+        if branch:
+            raise FlexdiffError(f"{where}: {text!r}: only partial steps take a branch")
+        return cls(kind_enum)
+
+
+FULL = Step(StepKind.FULL)
+NULL = Step(StepKind.NULL)
+
+
+def partial(branch: int) -> Step:
+    return Step(StepKind.PARTIAL, branch)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which network work each sampler step does. `len(steps)` is the sampler's step count."""
+
+    sampler: str
+    steps: tuple[Step, ...]
+    name: str = ""
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if self.sampler not in SAMPLERS:
+            raise FlexdiffError(f"schedule sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not self.steps:
+            raise FlexdiffError("a schedule needs at least one step")
+        if self.steps[0].kind is not StepKind.FULL:
+            raise FlexdiffError(
+                f"step 0 is {self.steps[0].to_str()}; the first step must be full "
+                "(partial and null steps reuse what an earlier full step computed)"
+            )
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def counts(self) -> dict[str, int]:
+        out = {k.value: 0 for k in StepKind}
+        for s in self.steps:
+            out[s.kind.value] += 1
+        return out
+
+    def max_branch(self) -> int | None:
+        branches = [s.branch for s in self.steps if s.kind is StepKind.PARTIAL]
+        return max(branches) if branches else None
+
+    def check_fits(self, num_branches: int, num_steps: int | None = None) -> None:
+        """Refuse a schedule that cannot run on a model with `num_branches` cache branches."""
+        mb = self.max_branch()
+        if mb is not None and mb >= num_branches:
+            raise FlexdiffError(
+                f"schedule {self.name or ''} uses branch {mb}, but this model has branches "
+                f"0..{num_branches - 1}"
+            )
+        if num_steps is not None and num_steps != self.num_steps:
+            raise FlexdiffError(
+                f"schedule has {self.num_steps} steps but the sampler runs {num_steps}"
+            )
+
+    def describe(self) -> str:
+        c = self.counts()
+        return f"{self.sampler}-{self.num_steps} ({c['full']} full, {c['partial']} partial, {c['null']} null)"
+
+    # --- JSON -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dict(
+            format=SCHEDULE_FORMAT,
+            name=self.name,
+            sampler=self.sampler,
+            num_steps=self.num_steps,
+            steps=[s.to_str() for s in self.steps],
+            meta=self.meta,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "schedule") -> "Schedule":
+        if not isinstance(data, dict):
+            raise FlexdiffError(f"{where}: expected a JSON object")
+        for key in ("sampler", "steps"):
+            if key not in data:
+                raise FlexdiffError(f"{where}: missing field {key!r}")
+        if not isinstance(data["steps"], list):
+            raise FlexdiffError(f"{where}: field 'steps' must be a list")
+        steps = tuple(Step.parse(s, f"{where}: steps[{i}]") for i, s in enumerate(data["steps"]))
+        if "num_steps" in data and data["num_steps"] != len(steps):
+            raise FlexdiffError(
+                f"{where}: num_steps is {data['num_steps']} but 'steps' lists {len(steps)}"
+            )
+        try:
+            return cls(
+                sampler=data["sampler"],
+                steps=steps,
+                name=str(data.get("name", "")),
+                meta=dict(data.get("meta", {})),
+            )
+        except FlexdiffError as e:
+            raise FlexdiffError(f"{where}: {e}") from None
+
+    def save(self, path: Path) -> Path:
+        return write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "Schedule":
+        path = Path(path)
+        if not path.is_file():
+            raise FlexdiffError(f"--schedule {path}: no such file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise FlexdiffError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, where=str(path))
+
+    # --- common schedules ---------------------------------------------------------------
+    @classmethod
+    def full(cls, sampler: str, num_steps: int, name: str = "") -> "Schedule":
+        return cls(sampler, (FULL,) * num_steps, name or f"{sampler}-{num_steps}")
+
+    @classmethod
+    def deepcache(cls, sampler: str, num_steps: int, interval: int, branch: int, name: str = "") -> "Schedule":
+        """DeepCache uniform 1:N (Ma et al. 2024): a full step every `interval` steps, partial between."""
+        if interval < 1:
+            raise FlexdiffError(f"DeepCache interval must be >= 1 (got {interval})")
+        steps = tuple(FULL if i % interval == 0 else partial(branch) for i in range(num_steps))
+        return cls(sampler, steps, name or f"deepcache-{sampler}{num_steps}-N{interval}-b{branch}")

@@ -1,0 +1,36 @@
+"""The bench on a tiny model: every method on the same noise, outputs written, resumable."""
+
+import json
+
+from flexdiff.bench import BenchConfig, run_bench
+from flexdiff.metrics import QualityMeter
+from flexdiff.models import load_model
+from flexdiff.schedule import FULL, NULL, Schedule, partial
+
+CFG = BenchConfig(samples=12, batch_size=8, teacher_steps=6, ddim_steps=(3,), dpm_steps=(3,),
+                  deepcache_intervals=(2,), deepcache_branches=(0, 3))
+
+
+def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    meter = QualityMeter.for_model((1, 16, 16), n_boot=20)
+    extra = (Schedule("ddim", (FULL, partial(1), NULL, FULL, NULL, NULL), name="searched"),)
+    result = run_bench(model, CFG, tmp_path / "b", meter, extra)
+    names = [r["method"] for r in result["rows"]]
+    assert names == ["teacher DDIM-6", "DDIM-3", "DPM-Solver++-3", "DeepCache 1:2 b0 (DDIM-6)",
+                     "DeepCache 1:2 b3 (DDIM-6)", "searched"]
+    for f in ("bench.md", "bench.json", "bench.png", "samples.png"):
+        assert (tmp_path / "b" / f).stat().st_size > 0
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["teacher DDIM-6"]["speedup_macs"] == 1.0
+    assert rows["DDIM-3"]["speedup_macs"] == 2.0
+    assert rows["DeepCache 1:2 b0 (DDIM-6)"]["speedup_macs"] > rows["DeepCache 1:2 b3 (DDIM-6)"]["speedup_macs"] > 1
+    assert "rfid" in rows["DDIM-3"]["metrics"] and "rfid" not in rows["teacher DDIM-6"]["metrics"]
+    table = (tmp_path / "b" / "bench.md").read_text()
+    assert "Samples per method: 12" in table and "| searched |" in table
+
+    again = run_bench(model, CFG, tmp_path / "b", meter, extra)
+    assert all(r["resumed"] for r in again["rows"])
+    strip = lambda res: [(r["method"], r["metrics"]) for r in res["rows"]]
+    assert strip(again) == strip(result)
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]["resumed"] is True

@@ -1,0 +1,58 @@
+"""The artifacts shipped in the package: the default digits UNet and the quality classifier."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from flexdiff.cli import app
+from flexdiff.cost import measure_step_costs
+from flexdiff.data import load_digits_split
+from flexdiff.metrics.classifier import default_classifier_dir, load_classifier
+from flexdiff.models import default_model_dir, load_model
+from flexdiff.sampling import initial_noise, sample
+from flexdiff.schedule import Schedule
+
+
+def test_default_model_makes_recognisable_digits():
+    m = load_model()
+    images = sample(m.unet, m.scheduler_config, Schedule.full("dpmsolver++", 10),
+                    initial_noise(100, (1, 16, 16), seed=123)).images
+    with torch.no_grad():
+        probs = torch.softmax(load_classifier()(images.clamp(-1, 1)), 1)
+    confidence, label = probs.max(1)
+    assert confidence.median() > 0.95  # the classifier is sure what most samples are
+    assert len(set(label.tolist())) == 10  # and all ten digits appear
+
+
+def test_shipped_classifier_accuracy_matches_its_card():
+    x, y = load_digits_split("test")
+    with torch.no_grad():
+        acc = (load_classifier()(x).argmax(1) == y).float().mean().item()
+    card = json.loads((default_classifier_dir() / "config.json").read_text())
+    assert acc >= 0.98
+    assert abs(acc - card["test_accuracy"]) < 1e-6
+
+
+def test_model_card_matches_training_summary():
+    card = (default_model_dir() / "README.md").read_text()
+    summary = json.loads((default_model_dir() / "training_summary.json").read_text())
+    assert "flexdiff train" in card and "--seed 0" in card
+    assert f"{summary['final_loss_last200']:.4f}" in card
+    assert "flexdiff evaluate" in card
+
+
+def test_default_model_cost_and_branches():
+    costs = measure_step_costs(load_model().unet)
+    assert round(costs.full / 1e6, 1) == 61.7
+    assert len(costs.partial) == 6 and costs.partial[0] < 0.15 * costs.full
+
+
+def test_evaluate_command_on_default_model(tmp_path):
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(app, ["evaluate", "--sampler", "ddim", "--steps", "5", "--teacher-steps", "8",
+                                      "--samples", "40", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())["metrics"]
+    assert {"fid", "kid", "fid_minus_teacher", "rfid", "teacher_distance"} <= set(metrics)
+    assert metrics["rfid"]["value"] > 0

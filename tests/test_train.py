@@ -1,0 +1,74 @@
+"""Training: a killed run resumes from its checkpoint and ends with the same weights."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flexdiff.errors import FlexdiffError
+from flexdiff.models import load_model
+from flexdiff.train import TrainConfig, train
+
+from conftest import tiny_unet
+
+CFG = TrainConfig(steps=8, batch_size=4, warmup=2, checkpoint_every=3, seed=1)
+
+
+def _images():
+    return torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step):
+    def on_step(s, loss):
+        if s == step:
+            raise Killed
+    return on_step
+
+
+def test_resume_after_kill_gives_same_weights(tmp_path):
+    train(tiny_unet(), _images(), tmp_path / "straight", CFG)
+    with pytest.raises(Killed):
+        train(tiny_unet(), _images(), tmp_path / "killed", CFG, on_step=_kill_at(5))
+    assert not (tmp_path / "killed" / "config.json").exists()  # no model written by a killed run
+    train(tiny_unet(), _images(), tmp_path / "killed", CFG)  # same command again
+    a = load_model(tmp_path / "straight").unet.state_dict()
+    b = load_model(tmp_path / "killed").unet.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    with pytest.raises(Killed):
+        train(tiny_unet(), _images(), tmp_path / "o", CFG, on_step=_kill_at(4))
+    with pytest.raises(FlexdiffError, match="other settings"):
+        train(tiny_unet(), _images(), tmp_path / "o", TrainConfig(steps=9, batch_size=4, checkpoint_every=3))
+
+
+def test_trained_folder_loads_with_diffusers(tmp_path):
+    from diffusers import UNet2DModel
+
+    summary = train(tiny_unet(), _images(), tmp_path / "m", CFG)
+    assert np.isfinite(summary["final_loss_last200"])
+    UNet2DModel.from_pretrained(tmp_path / "m")
+    assert load_model(tmp_path / "m").scheduler_config["num_train_timesteps"] == 1000
+
+
+def test_train_cli_on_image_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from flexdiff.cli import app
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = CliRunner().invoke(app, ["train", "--data", str(folder), "--out", str(tmp_path / "m"),
+                                      "--steps", "2", "--batch-size", "2", "--resolution", "16"])
+    assert result.exit_code == 0, result.output
+    assert load_model(tmp_path / "m").unet.config.in_channels == 3
