@@ -8,7 +8,8 @@ from flexdiff.models import load_model
 from flexdiff.schedule import FULL, NULL, Schedule, partial
 
 CFG = BenchConfig(samples=12, batch_size=8, teacher_steps=6, ddim_steps=(3,), dpm_steps=(3,),
-                  deepcache_intervals=(2,), deepcache_branches=(0, 3))
+                  deepcache_intervals=(2,), deepcache_branches=(0, 3), deepcache_nonuniform=(3,),
+                  search_budgets=(0.5,), search_population=3, search_generations=1, search_eval_samples=8)
 
 
 def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
@@ -17,8 +18,12 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
     extra = (Schedule("ddim", (FULL, partial(1), NULL, FULL, NULL, NULL), name="searched"),)
     result = run_bench(model, CFG, tmp_path / "b", meter, extra)
     names = [r["method"] for r in result["rows"]]
-    assert names == ["teacher DDIM-6", "DDIM-3", "DPM-Solver++-3", "DeepCache 1:2 b0 (DDIM-6)",
-                     "DeepCache 1:2 b3 (DDIM-6)", "searched"]
+    assert names[:6] == ["teacher DDIM-6", "DDIM-3", "DPM-Solver++-3", "DeepCache 1:2 b0 (DDIM-6)",
+                         "DeepCache 1:2 b3 (DDIM-6)", "DeepCache non-uniform 1:3 b0 (DDIM-6)"]
+    assert [r["family"] for r in result["rows"][6:]] == ["flexiffusion", "autodiffusion", "schedule"]
+    for r in result["rows"][6:8]:  # the searches kept the budget and say how long they took
+        assert r["speedup_macs"] >= 2 - 1e-9 and r["search_seconds"] > 0
+    assert (tmp_path / "b" / "searches" / "flexiffusion-2x" / "best.json").exists()
     for f in ("bench.md", "bench.json", "bench.png", "samples.png"):
         assert (tmp_path / "b" / f).stat().st_size > 0
     rows = {r["method"]: r for r in result["rows"]}
@@ -27,7 +32,7 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
     assert rows["DeepCache 1:2 b0 (DDIM-6)"]["speedup_macs"] > rows["DeepCache 1:2 b3 (DDIM-6)"]["speedup_macs"] > 1
     assert "rfid" in rows["DDIM-3"]["metrics"] and "rfid" not in rows["teacher DDIM-6"]["metrics"]
     table = (tmp_path / "b" / "bench.md").read_text()
-    assert "Samples per method: 12" in table and "| searched |" in table
+    assert "Samples per method: 12" in table and "| searched |" in table and "Search wall time" in table
 
     again = run_bench(model, CFG, tmp_path / "b", meter, extra)
     assert all(r["resumed"] for r in again["rows"])

@@ -211,3 +211,14 @@ def test_anatomy_counts_skip_connections():
         for h in hooks:
             h.remove()
         assert anatomy(model).num_branches == 1 + sum(seen)  # + conv_in's output
+
+
+def test_pipeline_with_wrong_step_count_or_scheduler_is_refused(unet, sched_cfg):
+    pipe = DDIMPipeline(unet, make_scheduler("ddim", sched_cfg))
+    with apply_schedule(pipe, Schedule.deepcache("ddim", 10, 2, 0)):
+        with pytest.raises(FlexdiffError, match="has 10 steps but the pipeline runs 7"):
+            pipe(batch_size=1, num_inference_steps=7, output_type="np")
+    with apply_schedule(pipe, Schedule.full("dpmsolver++", 5)):
+        with pytest.raises(FlexdiffError, match="made for dpmsolver\\+\\+"):
+            pipe(batch_size=1, num_inference_steps=5, output_type="np")
+    assert _no_flexdiff_hooks(unet)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,10 @@ FAMILY_STYLE = {  # colour, marker
     "ddim": ("tab:blue", "o"),
     "dpmsolver++": ("tab:orange", "s"),
     "deepcache": ("tab:green", "^"),
-    "schedule": ("tab:red", "D"),
+    "deepcache-nu": ("tab:olive", "v"),
+    "autodiffusion": ("tab:purple", "P"),
+    "flexiffusion": ("tab:red", "D"),
+    "schedule": ("tab:brown", "X"),
 }
 
 
@@ -51,8 +54,16 @@ class BenchConfig:
     dpm_steps: tuple[int, ...] = (5, 10, 20)
     deepcache_intervals: tuple[int, ...] = (2, 3, 5)
     deepcache_branches: tuple[int, ...] = (0, 2)
+    deepcache_nonuniform: tuple[int, ...] = (3, 5)  # intervals of non-uniform DeepCache (branch 0)
+    # Searches run inside the bench (each resumable under out/searches/): budgets as fractions of the teacher
+    search_budgets: tuple[float, ...] = ()
+    search_population: int = 16
+    search_generations: int = 10
+    search_eval_samples: int = 256
+    search_metric: str = "distance"
+    autodiffusion: bool = True  # also run the AutoDiffusion-style peer search at each budget
 
-    def methods(self, extra: tuple[Schedule, ...] = ()) -> list[Method]:
+    def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = ()) -> list[Method]:
         t = self.teacher_steps
         out = [Method(f"teacher DDIM-{t}", "teacher", Schedule.full("ddim", t))]
         out += [Method(f"DDIM-{s}", "ddim", Schedule.full("ddim", s)) for s in self.ddim_steps]
@@ -61,16 +72,22 @@ class BenchConfig:
             Method(f"DeepCache 1:{n} b{b} (DDIM-{t})", "deepcache", Schedule.deepcache("ddim", t, n, b))
             for b in self.deepcache_branches for n in self.deepcache_intervals
         ]
+        out += [
+            Method(f"DeepCache non-uniform 1:{n} b0 (DDIM-{t})", "deepcache-nu", Schedule.deepcache_nonuniform("ddim", t, n, 0))
+            for n in self.deepcache_nonuniform
+        ]
+        out += [Method(s.name, family, s) for family, s in searched]
         out += [Method(s.name or f"schedule {i}", "schedule", s) for i, s in enumerate(extra)]
         return out
 
 
 PRESETS = {
-    # the README's main job: a few minutes on 2 cores
-    "quick": BenchConfig(samples=500, ddim_steps=(10, 20), dpm_steps=(10,), deepcache_intervals=(3, 5),
-                         deepcache_branches=(0, 2)),
+    # the README's main job: about 6 minutes on 2 cores
+    "quick": BenchConfig(samples=500, ddim_steps=(10, 20), dpm_steps=(5, 10), deepcache_intervals=(3, 5),
+                         deepcache_branches=(0, 2), deepcache_nonuniform=(5,), search_budgets=(1 / 16,),
+                         search_population=12, search_generations=6, search_eval_samples=128),
     # the docs' table: about 20 minutes on 2 cores
-    "full": BenchConfig(samples=2000),
+    "full": BenchConfig(samples=2000, search_budgets=(1 / 10, 1 / 16, 1 / 25)),
 }
 
 
@@ -88,12 +105,37 @@ def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter,
+                 progress=None) -> tuple[tuple[tuple[str, Schedule], ...], dict[str, float]]:
+    """Flexiffusion (and the AutoDiffusion-style peer) at each budget; each search resumes from its folder."""
+    from .search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
+
+    found, seconds = [], {}
+    for budget in cfg.search_budgets:
+        runs = [("flexiffusion", SegmentSpace(), cfg.search_metric)]
+        if cfg.autodiffusion:
+            runs.append(("autodiffusion", StepwiseSpace(), "fid"))  # AutoDiffusion scores by FID to real data
+        for family, space, metric in runs:
+            scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
+                                eval_samples=cfg.search_eval_samples, metric=metric, seed=cfg.seed,
+                                teacher_steps=cfg.teacher_steps)
+            folder = out_dir / "searches" / f"{family}-{1 / budget:g}x"
+            result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
+                                          teacher_cache=out_dir / "searches").run()
+            name = f"{'Flexiffusion' if family == 'flexiffusion' else 'AutoDiffusion-style'} ≤1/{1 / budget:g} " \
+                   f"({result.best.describe().split(' (')[0]})"
+            found.append((family, replace(result.best, name=name)))
+            seconds[name] = result.seconds
+    return tuple(found), seconds
+
+
 def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter,
               extra: tuple[Schedule, ...] = (), progress=None) -> dict:
     out_dir = Path(out_dir)
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    methods = cfg.methods(extra)
+    searched, search_seconds = run_searches(model, cfg, out_dir, meter, progress)
+    methods = cfg.methods(extra, searched)
     costs = measure_step_costs(model.unet)
     for m in methods:
         m.schedule.check_fits(len(costs.partial))
@@ -130,7 +172,8 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             counts=m.schedule.counts(), macs_per_image=macs,
             speedup_macs=teacher_macs / macs, seconds=seconds,
             ms_per_image=1000 * seconds / cfg.samples, speedup_wall=teacher_sec / seconds,
-            resumed=resumed, metrics={k: v.to_dict() for k, v in metrics.items()},
+            resumed=resumed, search_seconds=search_seconds.get(m.name),
+            metrics={k: v.to_dict() for k, v in metrics.items()},
         ))
     result = dict(
         config=dict(cfg.__dict__), model=str(model.path), model_fingerprint=fp,
@@ -169,6 +212,10 @@ def markdown_table(result: dict) -> str:
             f"| {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} | {_est(m.get('kid'), 2, 1e3)} "
             f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
         )
+    searched = [r for r in result["rows"] if r.get("search_seconds") is not None]
+    if searched:
+        lines += ["", "Search wall time (on top of sampling the table): " + "; ".join(
+            f"{r['method']}: {r['search_seconds']:.0f} s" for r in searched) + "."]
     return "\n".join(lines) + "\n"
 
 

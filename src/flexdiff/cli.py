@@ -279,6 +279,11 @@ def bench(
     deepcache: Optional[str] = typer.Option(None, help="DeepCache intervals N (uniform 1:N), e.g. 2,3,5."),
     deepcache_branches: Optional[str] = typer.Option(None, help="DeepCache branches, e.g. 0,2."),
     schedule: list[Path] = typer.Option([], "--schedule", help="Extra schedule JSON files to include (repeatable)."),
+    search_budgets: Optional[str] = typer.Option(None, help="Run Flexiffusion (and AutoDiffusion-style) searches at these budgets (fractions of the teacher's MACs, e.g. 0.1,0.0625), or 'none'."),
+    search_generations: Optional[int] = typer.Option(None, min=0, help="Generations of each search (preset: 6 quick, 10 full)."),
+    search_population: Optional[int] = typer.Option(None, min=2, help="Population of each search."),
+    search_eval_samples: Optional[int] = typer.Option(None, min=8, help="Evaluation samples per candidate in the searches."),
+    autodiffusion: Optional[bool] = typer.Option(None, "--autodiffusion/--no-autodiffusion", help="Also run the AutoDiffusion-style peer search."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
@@ -301,7 +306,12 @@ def bench(
         dpm_steps=dpm_steps and _parse_ints(dpm_steps, "--dpm-steps"),
         deepcache_intervals=deepcache and _parse_ints(deepcache, "--deepcache"),
         deepcache_branches=deepcache_branches and _parse_ints(deepcache_branches, "--deepcache-branches"),
+        search_budgets=() if search_budgets == "none" else _float_list(search_budgets, "--search-budgets"),
+        search_generations=search_generations, search_population=search_population,
+        search_eval_samples=search_eval_samples, autodiffusion=autodiffusion,
     )
+    if any(not 0 < b <= 1 for b in overrides["search_budgets"] or ()):
+        raise FlexdiffError(f"--search-budgets {search_budgets!r}: each must be a fraction in (0, 1]")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     extra = tuple(Schedule.load(p) for p in schedule)
     loaded = load_model(model)
@@ -313,6 +323,110 @@ def bench(
 
     console.print(markdown_table(result), highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/bench.md, bench.json, bench.png, samples.png")
+
+
+def _float_list(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FlexdiffError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.0625,0.1") from None
+
+
+@app.command()
+@user_errors
+def search(
+    out: Path = typer.Option(Path("runs/search"), "--out", help="Folder for best.json, history.json, search.png (and front.json); holds the resumable state."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Max MACs per image as a fraction of the teacher's (DDIM-100), e.g. 0.0625."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="Or: the minimum speed-up in MACs (budget = 1/speedup)."),
+    pareto: bool = typer.Option(False, "--pareto", help="Multi-objective (fitness vs MACs, NSGA-II): return the whole front (budget optional)."),
+    space: str = typer.Option("segment", "--space", help="segment (Flexiffusion) or stepwise (AutoDiffusion-style: timesteps and per-step layer skipping)."),
+    model: Optional[Path] = ModelOpt,
+    sampler: str = typer.Option("dpmsolver++", "--sampler", help="Base sampler of the schedules (segment space: ddim | dpmsolver++ | euler)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Choices of the step count T, e.g. 10,15,20,25 (stepwise: 6,8,10,12)."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Choices of the segment length L, e.g. 1,2,3,4,5."),
+    branches: Optional[str] = typer.Option(None, "--branches", help="Branches partial steps may use (default: all of the model's)."),
+    population: int = typer.Option(16, min=2),
+    generations: int = typer.Option(10, min=0),
+    eval_samples: int = typer.Option(256, min=8, help="Samples per candidate, on fixed evaluation noise."),
+    metric: str = typer.Option("distance", "--metric", help="Fitness: distance (per-sample, to the teacher), rfid (FID to the teacher's samples) or fid (vs real data)."),
+    seed: int = typer.Option(0, help="Seed of the search and of the evaluation noise."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Search a schedule of full / partial / null steps that stays closest to the teacher under a MACs budget."""
+    from .engine import anatomy
+    from .metrics import QualityMeter
+    from .models import load_model
+    from .schedule import SAMPLERS
+    from .search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
+
+    _threads(threads)
+    if budget is not None and speedup is not None:
+        raise FlexdiffError("give either --budget or --speedup, not both")
+    if speedup is not None:
+        if speedup <= 1:
+            raise FlexdiffError(f"--speedup {speedup}: must be > 1")
+        budget = 1 / speedup
+    if sampler not in SAMPLERS:
+        raise FlexdiffError(f"--sampler {sampler!r}: accepted values are {', '.join(SAMPLERS)}")
+    loaded = load_model(model)
+    num_branches = anatomy(loaded.unet).num_branches
+    kw = {}
+    if steps:
+        kw["step_choices"] = _parse_ints(steps, "--steps")
+    kw["branches"] = _parse_ints(branches, "--branches") if branches else tuple(range(num_branches))
+    if space == "segment":
+        if lengths:
+            kw["length_choices"] = _parse_ints(lengths, "--lengths")
+        sp = SegmentSpace(sampler=sampler, **kw)
+    elif space == "stepwise":
+        if sampler == "ddim":
+            raise FlexdiffError("--space stepwise picks its own timesteps: use --sampler dpmsolver++ or euler")
+        sp = StepwiseSpace(sampler=sampler, num_train_timesteps=loaded.scheduler_config.get("num_train_timesteps", 1000), **kw)
+    else:
+        raise FlexdiffError(f"--space {space!r}: accepted values are segment, stepwise")
+    cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
+                       eval_samples=eval_samples, metric=metric, seed=seed)
+    cfg.check()
+    c = loaded.unet.config
+    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
+    with progress_bar() as progress:
+        s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress)
+        result = s.run()
+    b = result.best
+    console.print(
+        f"best: {b.describe()}  {metric} {b.meta['fitness']:.3f}  {b.meta['macs_per_image'] / 1e6:,.1f} M MACs/image "
+        f"({b.meta['speedup_macs']:.2f}x fewer than the teacher)  search took {result.seconds:.0f} s, "
+        f"{len(result.evaluated)} candidates scored -> {out}/best.json"
+    )
+    for f in result.front:
+        console.print(f"  front: {f.describe()}  {metric} {f.meta['fitness']:.3f}  {f.meta['speedup_macs']:.2f}x")
+
+
+@app.command("proxy-study")
+@user_errors
+def proxy_study_cmd(
+    out: Path = typer.Option(Path("runs/proxy"), "--out"),
+    model: Optional[Path] = ModelOpt,
+    candidates: int = typer.Option(24, min=3, help="Schedules spread over the search space."),
+    eval_samples: int = typer.Option(256, min=8, help="Samples for the proxies (as in the search)."),
+    fid_samples: int = typer.Option(1000, min=8, help="Samples for the real FID of each candidate."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """How well do rFID and the per-sample distance rank candidates against the real FID (Spearman), and how much faster are they?"""
+    from .metrics import QualityMeter
+    from .models import load_model
+    from .search.proxy import proxy_study, proxy_table
+
+    _threads(threads)
+    loaded = load_model(model)
+    c = loaded.unet.config
+    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
+    with progress_bar() as progress:
+        res = proxy_study(loaded, meter, out, candidates, eval_samples, fid_samples, seed, progress=progress)
+    console.print(proxy_table(res), highlight=False, soft_wrap=True)
 
 
 @app.command("train-classifier")

@@ -129,6 +129,8 @@ class _StepHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         eng, run = self.engine, self.engine.run
+        if run.step == 0 and eng.pipeline_scheduler is not None:
+            eng.check_pipeline_scheduler()
         step = eng.schedule.steps[run.step]
         run.mode = step.kind
         run.branch = step.branch if step.branch is not None else 0
@@ -151,8 +153,9 @@ class StepEngine:
     ...     images = pipeline(num_inference_steps=schedule.num_steps)  # or flexdiff.sampling.sample
     """
 
-    def __init__(self, unet: torch.nn.Module, schedule: Schedule):
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, pipeline_scheduler: Any = None):
         self.unet = unet
+        self.pipeline_scheduler = pipeline_scheduler  # checked against the schedule when a run starts
         self.anatomy = anatomy(unet)
         schedule.check_fits(self.anatomy.num_branches)
         self.schedule = schedule
@@ -168,6 +171,26 @@ class StepEngine:
         schedule.check_fits(self.anatomy.num_branches)
         self.schedule = schedule
         self.reset()
+
+    def check_pipeline_scheduler(self) -> None:
+        """Refuse a pipeline whose scheduler does not fit the schedule (kind and step count)."""
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+        sched, want = self.pipeline_scheduler, self.schedule
+        kinds = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+        if not isinstance(sched, kinds[want.sampler]):
+            raise FlexdiffError(
+                f"the schedule was made for {want.sampler} ({kinds[want.sampler].__name__}) but the pipeline "
+                f"uses {type(sched).__name__}; set pipe.scheduler = {kinds[want.sampler].__name__}.from_config("
+                "pipe.scheduler.config)"
+            )
+        timesteps = getattr(sched, "timesteps", None)
+        n = 0 if timesteps is None else len(timesteps)
+        if n != want.num_steps:
+            raise FlexdiffError(
+                f"the schedule has {want.num_steps} steps but the pipeline runs {n}: "
+                f"call it with num_inference_steps={want.num_steps}"
+            )
 
     def reset(self) -> None:
         """Start a new sampling run: step counter to 0, cache emptied."""
@@ -213,4 +236,4 @@ def apply_schedule(model_or_pipeline: Any, schedule: Schedule) -> StepEngine:
     schedule's kind; each UNet call advances the step counter by one.
     """
     unet = getattr(model_or_pipeline, "unet", model_or_pipeline)
-    return StepEngine(unet, schedule).attach()
+    return StepEngine(unet, schedule, getattr(model_or_pipeline, "scheduler", None)).attach()

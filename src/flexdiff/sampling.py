@@ -33,6 +33,13 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     raise FlexdiffError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
 
 
+def set_timesteps(scheduler, schedule: Schedule) -> None:
+    if schedule.timesteps is None:
+        scheduler.set_timesteps(schedule.num_steps)
+    else:
+        scheduler.set_timesteps(timesteps=list(schedule.timesteps))
+
+
 def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The shared starting noise: the same seed gives every method the same x_T."""
     g = torch.Generator().manual_seed(seed)
@@ -100,7 +107,7 @@ def sample(
     if isinstance(unet, UNet2DConditionModel) and cond is None:
         raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
-    scheduler.set_timesteps(schedule.num_steps)
+    set_timesteps(scheduler, schedule)
     if len(scheduler.timesteps) != schedule.num_steps:
         raise FlexdiffError(
             f"{schedule.sampler} made {len(scheduler.timesteps)} timesteps for a {schedule.num_steps}-step schedule"
@@ -111,7 +118,7 @@ def sample(
     with StepEngine(unet, schedule) as engine:
         for start in range(0, len(noise), batch_size):
             chunk = noise[start:start + batch_size]
-            scheduler.set_timesteps(schedule.num_steps)  # resets multistep solver history
+            set_timesteps(scheduler, schedule)  # also resets the multistep solver's history
             outs.append(_sample_batch(unet, scheduler, engine, chunk, cond))
             if task is not None:
                 progress.update(task, advance=len(chunk))

@@ -75,9 +75,22 @@ class Schedule:
     steps: tuple[Step, ...]
     name: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    # Explicit training timesteps, one per step, strictly decreasing; None = the sampler's own spacing.
+    timesteps: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "steps", tuple(self.steps))
+        if self.timesteps is not None:
+            ts = tuple(int(t) for t in self.timesteps)
+            object.__setattr__(self, "timesteps", ts)
+            if len(ts) != len(self.steps):
+                raise FlexdiffError(f"schedule lists {len(ts)} timesteps for {len(self.steps)} steps")
+            if any(a <= b for a, b in zip(ts, ts[1:])) or (ts and ts[-1] < 0):
+                raise FlexdiffError("schedule timesteps must be strictly decreasing and >= 0")
+            if self.sampler == "ddim":
+                raise FlexdiffError(
+                    "explicit timesteps need sampler dpmsolver++ or euler (diffusers' DDIM spaces steps evenly)"
+                )
         if self.sampler not in SAMPLERS:
             raise FlexdiffError(f"schedule sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if not self.steps:
@@ -120,15 +133,23 @@ class Schedule:
         return f"{self.sampler}-{self.num_steps} ({c['full']} full, {c['partial']} partial, {c['null']} null)"
 
     # --- JSON -------------------------------------------------------------------------
+    def key(self) -> str:
+        """Identity of what runs (sampler, timesteps, steps), without name and meta: a cache key."""
+        ts = "" if self.timesteps is None else ",".join(map(str, self.timesteps))
+        return f"{self.sampler}|{ts}|{' '.join(s.to_str() for s in self.steps)}"
+
     def to_dict(self) -> dict:
-        return dict(
+        d = dict(
             format=SCHEDULE_FORMAT,
             name=self.name,
             sampler=self.sampler,
             num_steps=self.num_steps,
             steps=[s.to_str() for s in self.steps],
-            meta=self.meta,
         )
+        if self.timesteps is not None:
+            d["timesteps"] = list(self.timesteps)
+        d["meta"] = self.meta
+        return d
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "schedule") -> "Schedule":
@@ -150,8 +171,9 @@ class Schedule:
                 steps=steps,
                 name=str(data.get("name", "")),
                 meta=dict(data.get("meta", {})),
+                timesteps=data.get("timesteps"),
             )
-        except FlexdiffError as e:
+        except (FlexdiffError, TypeError, ValueError) as e:
             raise FlexdiffError(f"{where}: {e}") from None
 
     def save(self, path: Path) -> Path:
@@ -180,3 +202,27 @@ class Schedule:
             raise FlexdiffError(f"DeepCache interval must be >= 1 (got {interval})")
         steps = tuple(FULL if i % interval == 0 else partial(branch) for i in range(num_steps))
         return cls(sampler, steps, name or f"deepcache-{sampler}{num_steps}-N{interval}-b{branch}")
+
+    @classmethod
+    def deepcache_nonuniform(cls, sampler: str, num_steps: int, interval: int, branch: int,
+                             center: float = 0.5, power: float = 1.4, name: str = "") -> "Schedule":
+        """DeepCache's non-uniform 1:N: as many full steps as 1:N, placed denser around `center`
+        (a fraction of the run) by a power law, partial steps between (Ma et al. 2024, §4.3)."""
+        import numpy as np
+
+        if interval < 1:
+            raise FlexdiffError(f"DeepCache interval must be >= 1 (got {interval})")
+        k = -(-num_steps // interval)
+        c = center * (num_steps - 1)
+        p = power
+        while True:  # lower the power until the k positions are distinct (p = 1 is uniform)
+            u = np.linspace(-1, 1, k)
+            scale = np.where(u < 0, c, num_steps - 1 - c)
+            pos = np.unique(np.clip(np.round(c + np.sign(u) * np.abs(u) ** p * scale), 0, num_steps - 1).astype(int))
+            if len(pos) == k or p <= 1.0:
+                break
+            p = max(1.0, p - 0.02)
+        fulls = set(pos.tolist()) | {0}
+        steps = tuple(FULL if i in fulls else partial(branch) for i in range(num_steps))
+        return cls(sampler, steps, name or f"deepcache-nu-{sampler}{num_steps}-N{interval}-b{branch}")
+

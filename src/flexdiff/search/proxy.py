@@ -1,0 +1,120 @@
+"""Is the fitness sound? Rank correlation of the cheap proxies with the real FID over many candidates."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..cost import measure_step_costs
+from ..io import save_figure, write_json, write_text
+from ..metrics import QualityMeter
+from ..metrics.fid import fid
+from ..models import LoadedModel
+from ..sampling import initial_noise, sample
+from ..schedule import Schedule
+from .fitness import Fitness
+from .space import SegmentSpace
+
+
+def spread_candidates(space: SegmentSpace, costs, teacher_macs: float, n: int, seed: int) -> list[Schedule]:
+    """`n` distinct schedules spread over the space: budgets from 1/30 to 1/2 of the teacher, log-spaced."""
+    rng = np.random.default_rng(seed)
+    out, keys = [], set()
+    budgets = np.geomspace(1 / 30, 1 / 2, n)
+    tries = 0
+    while len(out) < n and tries < 100 * n:
+        b = budgets[len(out)]
+        g = space.repair(space.random(rng), costs, b * teacher_macs, rng)
+        tries += 1
+        if g is None:
+            continue
+        s = space.to_schedule(g)
+        if s.key() not in keys:
+            keys.add(s.key())
+            out.append(s)
+    return out
+
+
+def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidates: int = 24,
+                eval_samples: int = 256, fid_samples: int = 1000, seed: int = 0, space: SegmentSpace | None = None,
+                progress=None) -> dict:
+    from scipy.stats import spearmanr
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    space = space or SegmentSpace()
+    costs = measure_step_costs(model.unet)
+    teacher = Schedule.full("ddim", 100)
+    teacher_macs = costs.schedule_macs(teacher)
+    schedules = spread_candidates(space, costs, teacher_macs, candidates, seed)
+    proxy = Fitness(model, meter, teacher, "rfid", eval_samples, seed + 10_000, out_dir, progress=progress)
+    c = model.unet.config
+    big_noise = initial_noise(fid_samples, (c.in_channels, c.sample_size, c.sample_size), seed)
+    task = progress.add_task("proxy study", total=len(schedules)) if progress else None
+    rows = []
+    for s in schedules:
+        t0 = time.perf_counter()
+        feats = proxy.features(s)
+        t_feat = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rfid = fid(feats, proxy.teacher)
+        t_rfid = time.perf_counter() - t1 + t_feat
+        t1 = time.perf_counter()
+        dist = float(np.linalg.norm(feats - proxy.teacher, axis=1).mean())
+        t_dist = time.perf_counter() - t1 + t_feat
+        t2 = time.perf_counter()
+        imgs = sample(model.unet, model.scheduler_config, s, big_noise, progress=progress, description="real FID").images
+        real = fid(meter.features(imgs), meter.reference)
+        t_real = time.perf_counter() - t2
+        rows.append(dict(schedule=s.to_dict(), macs=costs.schedule_macs(s), rfid=rfid, distance=dist,
+                         real_fid=real, seconds=dict(rfid=t_rfid, distance=t_dist, real_fid=t_real)))
+        if task is not None:
+            progress.update(task, advance=1)
+    real = [r["real_fid"] for r in rows]
+    res = dict(
+        candidates=len(rows), eval_samples=eval_samples, fid_samples=fid_samples, seed=seed,
+        spearman=dict(rfid=float(spearmanr([r["rfid"] for r in rows], real)[0]),
+                      distance=float(spearmanr([r["distance"] for r in rows], real)[0])),
+        mean_seconds={k: float(np.mean([r["seconds"][k] for r in rows])) for k in ("rfid", "distance", "real_fid")},
+        rows=rows,
+    )
+    res["time_saving"] = {k: 1 - res["mean_seconds"][k] / res["mean_seconds"]["real_fid"] for k in ("rfid", "distance")}
+    write_json(out_dir / "proxy.json", res)
+    write_text(out_dir / "proxy.md", proxy_table(res))
+    _plot(res, out_dir / "proxy.png")
+    return res
+
+
+def proxy_table(res: dict) -> str:
+    ms = res["mean_seconds"]
+    return "\n".join([
+        f"{res['candidates']} candidates; proxies on {res['eval_samples']} samples, real FID on "
+        f"{res['fid_samples']} samples against the real digits (same noise for every candidate).",
+        "",
+        "| fitness | Spearman ρ with real FID | mean seconds per candidate | time saved vs real FID |",
+        "|---|---|---|---|",
+        f"| rFID (vs teacher) | {res['spearman']['rfid']:.3f} | {ms['rfid']:.1f} | {100 * res['time_saving']['rfid']:.0f}% |",
+        f"| per-sample distance | {res['spearman']['distance']:.3f} | {ms['distance']:.1f} | {100 * res['time_saving']['distance']:.0f}% |",
+        f"| real FID | 1 | {ms['real_fid']:.1f} | — |",
+    ]) + "\n"
+
+
+def _plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    real = [r["real_fid"] for r in res["rows"]]
+    for ax, key, label in ((axes[0], "rfid", "rFID vs teacher"), (axes[1], "distance", "per-sample distance")):
+        ax.scatter([r[key] for r in res["rows"]], real, s=18)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} ({res['eval_samples']} samples)")
+        ax.set_ylabel(f"real FID ({res['fid_samples']} samples)")
+        ax.set_title(f"Spearman ρ = {res['spearman'][key]:.3f}")
+        ax.grid(alpha=0.3)
+    save_figure(path, fig)
+    plt.close(fig)
