@@ -9,7 +9,8 @@ from flexdiff.schedule import FULL, NULL, Schedule, partial
 
 CFG = BenchConfig(samples=12, batch_size=8, teacher_steps=6, ddim_steps=(3,), dpm_steps=(3,),
                   deepcache_intervals=(2,), deepcache_branches=(0, 3), deepcache_nonuniform=(3,),
-                  search_budgets=(0.5,), search_population=3, search_generations=1, search_eval_samples=8)
+                  search_budgets=(0.5,), search_population=3, search_generations=1, search_eval_samples=8,
+                  flexiffusion_metrics=("distance",))
 
 
 def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
@@ -23,7 +24,7 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
     assert [r["family"] for r in result["rows"][6:]] == ["flexiffusion", "autodiffusion", "schedule"]
     for r in result["rows"][6:8]:  # the searches kept the budget and say how long they took
         assert r["speedup_macs"] >= 2 - 1e-9 and r["search_seconds"] > 0
-    assert (tmp_path / "b" / "searches" / "flexiffusion-2x" / "best.json").exists()
+    assert (tmp_path / "b" / "searches" / "flexiffusion-distance-2x" / "best.json").exists()
     for f in ("bench.md", "bench.json", "bench.png", "samples.png"):
         assert (tmp_path / "b" / f).stat().st_size > 0
     rows = {r["method"]: r for r in result["rows"]}

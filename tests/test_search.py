@@ -103,6 +103,24 @@ def test_killed_search_resumes_to_the_same_result(tmp_path):
     assert not set(fit.calls) & {k for k, e in resumed.evaluated.items() if e["generation"] <= 2}
 
 
+def test_kill_inside_a_generation_loses_no_scored_candidate(tmp_path):
+    straight = _search(tmp_path / "a").run()
+
+    class Dies(FakeFitness):
+        def __call__(self, s):
+            if len(self.calls) == 13:  # inside generation 1 (generation 0 scores 8)
+                raise Killed
+            return super().__call__(s)
+
+    dying = Dies()
+    with pytest.raises(Killed):
+        _search(tmp_path / "b", dying).run()
+    fit = FakeFitness()
+    resumed = _search(tmp_path / "b", fit).run()
+    assert resumed.best == straight.best
+    assert not set(fit.calls) & set(dying.calls)  # the 13 scored before the kill were not scored again
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     _search(tmp_path, generations=1).run()
     with pytest.raises(FlexdiffError, match="other settings"):
@@ -139,3 +157,17 @@ def test_bad_settings():
 def test_space_round_trips_through_dict():
     for space in (SPACE, StepwiseSpace(step_choices=(4, 6))):
         assert space_from_dict(json.loads(json.dumps(space.to_dict()))) == space
+
+
+def test_last_timestep_setting_spreads_steps_down_to_it():
+    space = SegmentSpace(sampler="dpmsolver++", step_choices=(10,), length_choices=(2,), end_choices=(0, 200))
+    g = dict(space.uniform(10, 2, 1, 0), end=200)
+    s = space.to_schedule(g)
+    assert s.timesteps[0] == 999 and s.timesteps[-1] == 200 and len(s.timesteps) == 10
+    assert space.to_schedule(space.uniform(10, 2, 1, 0)).timesteps is None  # end 0: the sampler's own spacing
+    rng = np.random.default_rng(1)
+    ends = {space.mutate(g, rng).get("end") for _ in range(100)}
+    assert ends == {0, 200}
+    with pytest.raises(FlexdiffError, match="--ends"):
+        SegmentSpace(step_choices=(10,), end_choices=(995,)).validate(6)
+    assert SegmentSpace(sampler="ddim", end_choices=(0, 200))._ends() == (0,)

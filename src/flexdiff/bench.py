@@ -60,7 +60,7 @@ class BenchConfig:
     search_population: int = 16
     search_generations: int = 10
     search_eval_samples: int = 256
-    search_metric: str = "distance"
+    flexiffusion_metrics: tuple[str, ...] = ("distance", "fid")  # one Flexiffusion search per fitness
     autodiffusion: bool = True  # also run the AutoDiffusion-style peer search at each budget
 
     def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = ()) -> list[Method]:
@@ -87,7 +87,7 @@ PRESETS = {
                          deepcache_branches=(0, 2), deepcache_nonuniform=(5,), search_budgets=(1 / 16,),
                          search_population=12, search_generations=6, search_eval_samples=128),
     # the docs' table: about 20 minutes on 2 cores
-    "full": BenchConfig(samples=2000, search_budgets=(1 / 10, 1 / 16, 1 / 25)),
+    "full": BenchConfig(samples=2000, search_budgets=(1 / 16, 1 / 25)),
 }
 
 
@@ -112,18 +112,19 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
 
     found, seconds = [], {}
     for budget in cfg.search_budgets:
-        runs = [("flexiffusion", SegmentSpace(), cfg.search_metric)]
+        runs = [("flexiffusion", SegmentSpace(), metric) for metric in cfg.flexiffusion_metrics]
         if cfg.autodiffusion:
             runs.append(("autodiffusion", StepwiseSpace(), "fid"))  # AutoDiffusion scores by FID to real data
         for family, space, metric in runs:
             scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
                                 eval_samples=cfg.search_eval_samples, metric=metric, seed=cfg.seed,
                                 teacher_steps=cfg.teacher_steps)
-            folder = out_dir / "searches" / f"{family}-{1 / budget:g}x"
+            folder = out_dir / "searches" / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
+                                              else f"{family}-{1 / budget:g}x")
             result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
                                           teacher_cache=out_dir / "searches").run()
-            name = f"{'Flexiffusion' if family == 'flexiffusion' else 'AutoDiffusion-style'} ≤1/{1 / budget:g} " \
-                   f"({result.best.describe().split(' (')[0]})"
+            label = f"Flexiffusion [{metric}]" if family == "flexiffusion" else "AutoDiffusion-style [fid]"
+            name = f"{label} ≤1/{1 / budget:g} ({result.best.describe().split(' (')[0]})"
             found.append((family, replace(result.best, name=name)))
             seconds[name] = result.seconds
     return tuple(found), seconds

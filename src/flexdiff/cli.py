@@ -113,15 +113,13 @@ def train(
     )
 
 
-def _parse_ints(text: str, option: str) -> tuple[int, ...]:
+def _parse_ints(text: str, option: str, minimum: int = 1) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise FlexdiffError(f"{option} {text!r}: expected comma-separated whole numbers, e.g. 5,10,20") from None
-    if any(v < 1 for v in values) and option != "--deepcache-branches":
-        raise FlexdiffError(f"{option} {text!r}: every value must be >= 1")
-    if any(v < 0 for v in values):
-        raise FlexdiffError(f"{option} {text!r}: every value must be >= 0")
+    if not values or any(v < minimum for v in values):
+        raise FlexdiffError(f"{option} {text!r}: give one or more values, each >= {minimum}")
     return values
 
 
@@ -305,7 +303,7 @@ def bench(
         ddim_steps=ddim_steps and _parse_ints(ddim_steps, "--ddim-steps"),
         dpm_steps=dpm_steps and _parse_ints(dpm_steps, "--dpm-steps"),
         deepcache_intervals=deepcache and _parse_ints(deepcache, "--deepcache"),
-        deepcache_branches=deepcache_branches and _parse_ints(deepcache_branches, "--deepcache-branches"),
+        deepcache_branches=deepcache_branches and _parse_ints(deepcache_branches, "--deepcache-branches", minimum=0),
         search_budgets=() if search_budgets == "none" else _float_list(search_budgets, "--search-budgets"),
         search_generations=search_generations, search_population=search_population,
         search_eval_samples=search_eval_samples, autodiffusion=autodiffusion,
@@ -347,6 +345,7 @@ def search(
     steps: Optional[str] = typer.Option(None, "--steps", help="Choices of the step count T, e.g. 10,15,20,25 (stepwise: 6,8,10,12)."),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="Choices of the segment length L, e.g. 1,2,3,4,5."),
     branches: Optional[str] = typer.Option(None, "--branches", help="Branches partial steps may use (default: all of the model's)."),
+    ends: Optional[str] = typer.Option(None, "--ends", help="Segment space: choices of the last timestep, steps spread evenly from the noisiest down to it; 0 = the sampler's own spacing (default 0,100,200,300)."),
     population: int = typer.Option(16, min=2),
     generations: int = typer.Option(10, min=0),
     eval_samples: int = typer.Option(256, min=8, help="Samples per candidate, on fixed evaluation noise."),
@@ -375,11 +374,13 @@ def search(
     kw = {}
     if steps:
         kw["step_choices"] = _parse_ints(steps, "--steps")
-    kw["branches"] = _parse_ints(branches, "--branches") if branches else tuple(range(num_branches))
+    kw["branches"] = _parse_ints(branches, "--branches", minimum=0) if branches else tuple(range(num_branches))
     if space == "segment":
         if lengths:
             kw["length_choices"] = _parse_ints(lengths, "--lengths")
-        sp = SegmentSpace(sampler=sampler, **kw)
+        if ends:
+            kw["end_choices"] = _parse_ints(ends, "--ends", minimum=0)
+        sp = SegmentSpace(sampler=sampler, num_train_timesteps=loaded.scheduler_config.get("num_train_timesteps", 1000), **kw)
     elif space == "stepwise":
         if sampler == "ddim":
             raise FlexdiffError("--space stepwise picks its own timesteps: use --sampler dpmsolver++ or euler")

@@ -25,6 +25,8 @@ from ..schedule import Schedule
 from .space import space_from_dict
 
 STATE_FILE = "search_state.json"
+METRIC_LABELS = {"distance": "per-sample distance to the teacher", "rfid": "rFID to the teacher's samples",
+                 "fid": "FID vs real data"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,10 @@ class Search:
             if key not in state["evaluated"]:
                 value, seconds = self.fitness(sched)
                 state["evaluated"][key] = dict(fitness=value, macs=self.costs.schedule_macs(sched),
-                                               seconds=seconds, generation=state["generation"] + 1)
+                                               seconds=seconds, generation=state["generation"] + 1, genome=g)
+                # Saved at once: the RNG state in the file is still the last finished generation's, so a
+                # restarted run redraws this generation's candidates and finds these scores cached.
+                self._save_state(state)
             e = state["evaluated"][key]
             out.append(dict(genome=g, key=key, fitness=e["fitness"], macs=e["macs"]))
             if task is not None:
@@ -252,13 +257,10 @@ class Search:
         label = "flexiffusion" if self.space.kind == "segment" else "autodiffusion"
         best = self._schedule(best_m["genome"], f"{label} {self.teacher_macs / best_m['macs']:.1f}x", best_m["fitness"],
                               best_m["macs"])
-        genomes = {m["key"]: m["genome"] for m in state["population"]}
-        front = []
+        front: list[Schedule] = []
         if self.cfg.pareto:
-            for e in self._front(state):
-                if e["key"] in genomes:
-                    front.append(self._schedule(genomes[e["key"]], f"{label} front {self.teacher_macs / e['macs']:.1f}x",
-                                                e["fitness"], e["macs"]))
+            front = [self._schedule(e["genome"], f"{label} front {self.teacher_macs / e['macs']:.1f}x",
+                                    e["fitness"], e["macs"]) for e in self._front(state)]
         best.save(self.out_dir / "best.json")
         write_json(self.out_dir / "history.json", state["history"])
         if self.cfg.pareto:
@@ -278,7 +280,7 @@ class Search:
         a1.plot([x["generation"] for x in h], [x["best_fitness"] for x in h], "o-", label="best")
         a1.plot([x["generation"] for x in h], [x["median_fitness"] for x in h], "s--", label="population median")
         a1.set_xlabel("generation")
-        a1.set_ylabel(self.cfg.metric)
+        a1.set_ylabel(METRIC_LABELS.get(self.cfg.metric, self.cfg.metric))
         a1.set_title("search progress")
         a1.legend()
         a1.grid(alpha=0.3)
@@ -293,7 +295,7 @@ class Search:
         if self.cfg.budget is not None:
             a2.axvline(1 / self.cfg.budget, color="gray", ls="--", lw=0.8, label="budget")
         a2.set_xlabel("speed-up in MACs vs teacher")
-        a2.set_ylabel(f"{self.cfg.metric} (lower is closer to the teacher)")
+        a2.set_ylabel(METRIC_LABELS.get(self.cfg.metric, self.cfg.metric) + " (lower is better)")
         a2.set_yscale("log")
         a2.set_title(f"every scored candidate ({len(ev)})")
         a2.legend(fontsize=8)

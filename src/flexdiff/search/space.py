@@ -35,20 +35,33 @@ class SegmentSpace:
     """Flexiffusion (Huang et al. 2024): isometric segments of length L over a T-step sampler.
 
     Each segment is one full step, then `p` partial steps at one branch, then L-1-p null steps
-    (the last segment is cut short when L does not divide T). Genome:
-    {"T": int, "L": int, "segments": [[p, branch], ...]}.
+    (the last segment is cut short when L does not divide T). Beyond the paper, the last
+    timestep is a global setting like T and L: the T steps are spread evenly from the noisiest
+    training timestep down to `end` (0 = the sampler's own spacing). Genome:
+    {"T": int, "L": int, "end": int, "segments": [[p, branch], ...]}.
     """
 
     sampler: str = "dpmsolver++"
     step_choices: tuple[int, ...] = (10, 15, 20, 25)
     length_choices: tuple[int, ...] = (1, 2, 3, 4, 5)
     branches: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
+    end_choices: tuple[int, ...] = (0, 100, 200, 300)
+    num_train_timesteps: int = 1000
     kind: str = "segment"
+
+    def _ends(self) -> tuple[int, ...]:
+        return (0,) if self.sampler == "ddim" else self.end_choices  # DDIM cannot take explicit timesteps
 
     def validate(self, num_branches: int) -> None:
         _validate_choices(self.step_choices, self.branches, num_branches)
         if not self.length_choices or min(self.length_choices) < 1:
             raise FlexdiffError(f"--lengths {self.length_choices}: need whole numbers >= 1")
+        if not self.end_choices or not all(0 <= e < self.num_train_timesteps - max(self.step_choices)
+                                           for e in self.end_choices):
+            raise FlexdiffError(
+                f"--ends {self.end_choices}: each must be >= 0 and leave room for {max(self.step_choices)} steps "
+                f"below timestep {self.num_train_timesteps - 1}"
+            )
 
     @staticmethod
     def num_segments(T: int, L: int) -> int:
@@ -56,14 +69,15 @@ class SegmentSpace:
 
     def random(self, rng) -> Genome:
         T, L = _pick(rng, self.step_choices), _pick(rng, self.length_choices)
-        return {"T": T, "L": L, "segments": [self._random_segment(rng, L) for _ in range(self.num_segments(T, L))]}
+        return {"T": T, "L": L, "end": int(_pick(rng, self._ends())),
+                "segments": [self._random_segment(rng, L) for _ in range(self.num_segments(T, L))]}
 
     def _random_segment(self, rng, L: int) -> list[int]:
         return [int(rng.integers(0, L)), int(_pick(rng, self.branches))]
 
     def uniform(self, T: int, L: int, p: int, branch: int) -> Genome:
         """Every segment alike: with p = L-1 this is DeepCache's uniform 1:L."""
-        return {"T": T, "L": L, "segments": [[p, branch] for _ in range(self.num_segments(T, L))]}
+        return {"T": T, "L": L, "end": 0, "segments": [[p, branch] for _ in range(self.num_segments(T, L))]}
 
     def seeds(self) -> list[Genome]:
         """The initial population's hand-made members: DeepCache-like uniform schedules and plain samplers."""
@@ -75,19 +89,28 @@ class SegmentSpace:
         return out
 
     def to_schedule(self, g: Genome) -> Schedule:
-        T, L = g["T"], g["L"]
+        T, L, end = g["T"], g["L"], g.get("end", 0)
         steps = []
         for p, b in g["segments"]:
             steps += [FULL] + [partial(b)] * p + [NULL] * (L - 1 - p)
-        return Schedule(self.sampler, tuple(steps[:T]))
+        timesteps = None
+        if end:
+            timesteps = tuple(int(t) for t in np.linspace(self.num_train_timesteps - 1, end, T).round())
+        return Schedule(self.sampler, tuple(steps[:T]), timesteps=timesteps)
+
+    @staticmethod
+    def _copy(g: Genome, **change) -> Genome:
+        return {"T": g["T"], "L": g["L"], "end": g.get("end", 0), "segments": [list(s) for s in g["segments"]], **change}
 
     def mutate(self, g: Genome, rng) -> Genome:
-        g = {"T": g["T"], "L": g["L"], "segments": [list(s) for s in g["segments"]]}
+        g = self._copy(g)
         what = rng.random()
         if what < 0.15 and len(self.step_choices) > 1:
             g = self._resize(g, _pick(rng, self.step_choices), g["L"], rng)
         elif what < 0.3 and len(self.length_choices) > 1:
             g = self._resize(g, g["T"], _pick(rng, self.length_choices), rng)
+        elif what < 0.4 and len(self._ends()) > 1:
+            g["end"] = int(_pick(rng, self._ends()))
         else:
             s = g["segments"][int(rng.integers(len(g["segments"])))]
             if rng.random() < 0.6:
@@ -105,19 +128,19 @@ class SegmentSpace:
             p, b = old[min(len(old) - 1, i * len(old) // n)]
             frac = p / max(1, g["L"] - 1)
             segs.append([int(round(frac * (L - 1))), b])
-        return {"T": T, "L": L, "segments": segs}
+        return self._copy(g, T=T, L=L, segments=segs)
 
     def crossover(self, a: Genome, b: Genome, rng) -> Genome:
         """Swap segments between parents of the same T and L; otherwise copy one parent."""
         if (a["T"], a["L"]) != (b["T"], b["L"]):
             return _pick(rng, [a, b])
         mask = rng.random(len(a["segments"])) < 0.5
-        return {"T": a["T"], "L": a["L"],
-                "segments": [list(x if m else y) for m, x, y in zip(mask, a["segments"], b["segments"])]}
+        return self._copy(a, end=_pick(rng, [a, b]).get("end", 0),
+                          segments=[list(x if m else y) for m, x, y in zip(mask, a["segments"], b["segments"])])
 
     def repair(self, g: Genome, costs: StepCosts, budget: float, rng) -> Genome | None:
         """Make a genome fit the budget: turn partial steps into null steps, or lower their branch."""
-        g = {"T": g["T"], "L": g["L"], "segments": [list(s) for s in g["segments"]]}
+        g = self._copy(g)
         while costs.schedule_macs(self.to_schedule(g)) > budget:
             movable = [s for s in g["segments"] if s[0] > 0]
             if not movable:

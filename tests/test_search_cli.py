@@ -1,0 +1,79 @@
+"""`flexdiff search` end to end: tiny model for the mechanics, the shipped default for one real search."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flexdiff.cli import app
+from flexdiff.schedule import Schedule
+
+from test_cli import assert_user_error, run
+
+SMALL = ["--population", "3", "--generations", "1", "--eval-samples", "8", "--steps", "4,6", "--lengths", "1,2,3",
+         "--ends", "0,300"]
+
+
+def test_search_then_sample_with_found_schedule(tiny_model_dir, tmp_path):
+    code, out = run("search", "--model", tiny_model_dir, "--speedup", 2, "--out", tmp_path / "s", *SMALL)
+    assert code == 0, out
+    best = Schedule.load(tmp_path / "s" / "best.json")
+    assert best.meta["speedup_macs"] >= 2 - 1e-9 and best.sampler == "dpmsolver++"
+    code, out = run("sample", "--model", tiny_model_dir, "--schedule", tmp_path / "s" / "best.json",
+                    "--n", 4, "--out", tmp_path / "g.png")
+    assert code == 0, out
+    # the same command again finds the finished state and returns the same best schedule
+    code, out = run("search", "--model", tiny_model_dir, "--speedup", 2, "--out", tmp_path / "s", *SMALL)
+    assert code == 0 and Schedule.load(tmp_path / "s" / "best.json") == best
+
+
+def test_pareto_and_stepwise_modes(tiny_model_dir, tmp_path):
+    code, out = run("search", "--model", tiny_model_dir, "--pareto", "--out", tmp_path / "p", *SMALL)
+    assert code == 0, out
+    front = json.loads((tmp_path / "p" / "front.json").read_text())
+    assert front and all(Schedule.from_dict(f).steps for f in front)
+    code, out = run("search", "--model", tiny_model_dir, "--space", "stepwise", "--budget", 0.5, "--metric", "fid",
+                    "--out", tmp_path / "w", "--population", 3, "--generations", 1, "--eval-samples", 8,
+                    "--steps", "3,4")
+    assert code == 0, out
+    assert Schedule.load(tmp_path / "w" / "best.json").timesteps is not None
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--budget", "2"], "--budget 2.0"),
+        (["--budget", "0.5", "--speedup", "2"], "either --budget or --speedup"),
+        ([], "give --budget or --speedup"),
+        (["--speedup", "4", "--space", "tree"], "--space 'tree'"),
+        (["--speedup", "4", "--space", "stepwise", "--sampler", "ddim"], "picks its own timesteps"),
+        (["--speedup", "4", "--branches", "0,9"], "this model has branches 0..5"),
+        (["--speedup", "4", "--metric", "psnr"], "--metric 'psnr'"),
+        (["--speedup", "1000", "--steps", "20", "--lengths", "1,2"], "no schedule in the search space fits"),
+    ],
+)
+def test_bad_search_settings(tiny_model_dir, tmp_path, args, fragment):
+    code, out = run("search", "--model", tiny_model_dir, "--out", tmp_path / "x", "--population", 2,
+                    "--generations", 0, "--eval-samples", 8, *args)
+    assert_user_error(code, out, fragment)
+
+
+def test_small_real_search_on_default_model(tmp_path):
+    """A real (small) search on the shipped model: the result keeps the budget and beats plain DDIM at that cost."""
+    result = CliRunner().invoke(app, ["search", "--speedup", "16", "--out", str(tmp_path / "s"), "--population", "6",
+                                      "--generations", "2", "--eval-samples", "64", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    best = Schedule.load(tmp_path / "s" / "best.json")
+    assert best.meta["speedup_macs"] >= 16 - 1e-9
+    history = json.loads((tmp_path / "s" / "history.json").read_text())
+    assert history[-1]["best_fitness"] <= history[0]["best_fitness"]
+    assert (tmp_path / "s" / "search.png").stat().st_size > 0
+
+    from flexdiff.metrics import QualityMeter
+    from flexdiff.models import load_model
+    from flexdiff.search.fitness import Fitness
+
+    fitness = Fitness(load_model(), QualityMeter.for_model((1, 16, 16), n_boot=10), Schedule.full("ddim", 100),
+                      "distance", 64, 1 + 10_000, tmp_path / "s")  # same evaluation noise, cached teacher
+    ddim6, _ = fitness(Schedule.full("ddim", 6))  # plain DDIM at about the same cost (1/16.7)
+    assert best.meta["fitness"] < ddim6
