@@ -116,3 +116,15 @@ def test_sample_conditional_with_cond_file(tmp_path, cond_unet, sched_cfg):
                     "--cond", tmp_path / "c.safetensors", "--out", tmp_path / "g.png")
     assert code == 0, out
     assert (tmp_path / "g.png").exists()
+
+
+def test_error_text_with_brackets_is_printed_verbatim(tiny_model_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", None)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    code, out = run("evaluate", "--model", tiny_model_dir, "--steps", 2, "--samples", 4,
+                    "--inception-weights", weights)
+    assert_user_error(code, out, "pip install 'flexdiff[inception]'")

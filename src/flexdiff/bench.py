@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .cost import StepCosts, measure_step_costs
-from .errors import FlexdiffError
+from .cost import measure_step_costs
 from .io import save_figure, save_safetensors, write_json, write_text
 from .metrics import QualityMeter
 from .models import LoadedModel

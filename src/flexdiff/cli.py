@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -62,7 +62,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FlexdiffError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 
     return wrapper
@@ -92,7 +92,7 @@ def train(
     import time
 
     from .data import load_digits_split, load_image_folder
-    from .models import DEFAULT_UNET_CONFIG, build_default_unet
+    from .models import build_default_unet
     from .train import TrainConfig, train as run_train
 
     _threads(threads)
@@ -319,7 +319,7 @@ def bench(
         result = run_bench(loaded, cfg, out, meter, extra, progress=progress)
     from .bench import markdown_table
 
-    console.print(markdown_table(result), highlight=False, soft_wrap=True)
+    console.print(markdown_table(result), highlight=False, soft_wrap=True, markup=False)
     console.print(f"wrote {out}/bench.md, bench.json, bench.png, samples.png")
 
 
@@ -427,7 +427,7 @@ def proxy_study_cmd(
     meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
     with progress_bar() as progress:
         res = proxy_study(loaded, meter, out, candidates, eval_samples, fid_samples, seed, progress=progress)
-    console.print(proxy_table(res), highlight=False, soft_wrap=True)
+    console.print(proxy_table(res), highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("train-classifier")

@@ -176,7 +176,7 @@ class Search:
             )
         return genomes
 
-    def _offspring(self, pop: list[dict], rng, state: dict) -> list[dict]:
+    def _offspring(self, pop: list[dict], rng) -> list[dict]:
         children, keys = [], {m["key"] for m in pop}
         tries = 0
         while len(children) < self.cfg.population and tries < 30 * self.cfg.population:
@@ -207,7 +207,7 @@ class Search:
                                           completed=state["generation"] + 1) if self.progress else None
         while state["generation"] < self.cfg.generations:
             g = state["generation"] + 1
-            genomes = self._initial(rng) if g == 0 else self._offspring(state["population"], rng, state)
+            genomes = self._initial(rng) if g == 0 else self._offspring(state["population"], rng)
             task = self.progress.add_task(f"generation {g}: scoring", total=len(genomes)) if self.progress else None
             scored = self._score(genomes, state, task)
             if task is not None:

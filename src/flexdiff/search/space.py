@@ -13,7 +13,7 @@ import numpy as np
 
 from ..cost import StepCosts
 from ..errors import FlexdiffError
-from ..schedule import FULL, NULL, Schedule, StepKind, partial
+from ..schedule import FULL, NULL, Schedule, partial
 
 Genome = dict
 
