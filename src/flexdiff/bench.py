@@ -103,7 +103,7 @@ def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter,
+def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter, costs,
                  progress=None) -> tuple[tuple[tuple[str, Schedule], ...], dict[str, float]]:
     """Flexiffusion (and the AutoDiffusion-style peer) at each budget; each search resumes from its folder."""
     from .search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
@@ -120,7 +120,7 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
             folder = out_dir / "searches" / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
                                               else f"{family}-{1 / budget:g}x")
             result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
-                                          teacher_cache=out_dir / "searches").run()
+                                          teacher_cache=out_dir / "searches", costs=costs).run()
             label = f"Flexiffusion [{metric}]" if family == "flexiffusion" else "AutoDiffusion-style [fid]"
             name = f"{label} ≤1/{1 / budget:g} ({result.best.describe().split(' (')[0]})"
             found.append((family, replace(result.best, name=name)))
@@ -133,9 +133,9 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     out_dir = Path(out_dir)
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    searched, search_seconds = run_searches(model, cfg, out_dir, meter, progress)
-    methods = cfg.methods(extra, searched)
     costs = measure_step_costs(model.unet)
+    searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress)
+    methods = cfg.methods(extra, searched)
     for m in methods:
         m.schedule.check_fits(len(costs.partial))
     c = model.unet.config

@@ -371,7 +371,7 @@ def search(
         raise FlexdiffError(f"--sampler {sampler!r}: accepted values are {', '.join(SAMPLERS)}")
     loaded = load_model(model)
     num_branches = anatomy(loaded.unet).num_branches
-    kw = {}
+    kw = dict(num_train_timesteps=loaded.scheduler_config.get("num_train_timesteps", 1000))
     if steps:
         kw["step_choices"] = _parse_ints(steps, "--steps")
     kw["branches"] = _parse_ints(branches, "--branches", minimum=0) if branches else tuple(range(num_branches))
@@ -380,16 +380,15 @@ def search(
             kw["length_choices"] = _parse_ints(lengths, "--lengths")
         if ends:
             kw["end_choices"] = _parse_ints(ends, "--ends", minimum=0)
-        sp = SegmentSpace(sampler=sampler, num_train_timesteps=loaded.scheduler_config.get("num_train_timesteps", 1000), **kw)
+        sp = SegmentSpace(sampler=sampler, **kw)
     elif space == "stepwise":
         if sampler == "ddim":
             raise FlexdiffError("--space stepwise picks its own timesteps: use --sampler dpmsolver++ or euler")
-        sp = StepwiseSpace(sampler=sampler, num_train_timesteps=loaded.scheduler_config.get("num_train_timesteps", 1000), **kw)
+        sp = StepwiseSpace(sampler=sampler, **kw)
     else:
         raise FlexdiffError(f"--space {space!r}: accepted values are segment, stepwise")
     cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
                        eval_samples=eval_samples, metric=metric, seed=seed)
-    cfg.check()
     c = loaded.unet.config
     meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
     with progress_bar() as progress:

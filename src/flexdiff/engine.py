@@ -174,15 +174,14 @@ class StepEngine:
 
     def check_pipeline_scheduler(self) -> None:
         """Refuse a pipeline whose scheduler does not fit the schedule (kind and step count)."""
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+        from .sampling import SCHEDULER_CLASSES  # imported here: sampling imports this module
 
         sched, want = self.pipeline_scheduler, self.schedule
-        kinds = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-        if not isinstance(sched, kinds[want.sampler]):
+        cls = SCHEDULER_CLASSES[want.sampler]
+        if not isinstance(sched, cls):
             raise FlexdiffError(
-                f"the schedule was made for {want.sampler} ({kinds[want.sampler].__name__}) but the pipeline "
-                f"uses {type(sched).__name__}; set pipe.scheduler = {kinds[want.sampler].__name__}.from_config("
-                "pipe.scheduler.config)"
+                f"the schedule was made for {want.sampler} ({cls.__name__}) but the pipeline uses "
+                f"{type(sched).__name__}; set pipe.scheduler = {cls.__name__}.from_config(pipe.scheduler.config)"
             )
         timesteps = getattr(sched, "timesteps", None)
         n = 0 if timesteps is None else len(timesteps)

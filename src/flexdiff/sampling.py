@@ -17,20 +17,30 @@ from .schedule import SAMPLERS, Schedule
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
+# The diffusers scheduler class behind each sampler name of a Schedule, and the settings flexdiff
+# gives it on top of the model's scheduler config.
+SCHEDULER_CLASSES = {
+    "ddim": DDIMScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+SCHEDULER_OPTIONS = {
+    "ddim": dict(timestep_spacing="trailing", clip_sample=False),
+    "dpmsolver++": dict(algorithm_type="dpmsolver++", solver_order=2),
+    "euler": {},
+}
+
+
 def make_scheduler(sampler: str, scheduler_config: dict):
     """A fresh diffusers scheduler of kind `sampler` for a model trained with `scheduler_config`.
 
     DDIM uses "trailing" timestep spacing, so that few-step runs start at the last training
     timestep (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
     """
+    if sampler not in SCHEDULER_CLASSES:
+        raise FlexdiffError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    if sampler == "ddim":
-        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", clip_sample=False)
-    if sampler == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
-    if sampler == "euler":
-        return EulerDiscreteScheduler.from_config(cfg)
-    raise FlexdiffError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
+    return SCHEDULER_CLASSES[sampler].from_config(cfg, **SCHEDULER_OPTIONS[sampler])
 
 
 def set_timesteps(scheduler, schedule: Schedule) -> None:

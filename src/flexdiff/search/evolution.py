@@ -1,6 +1,6 @@
 """Evolutionary search over schedules: seeded, budget-constrained, cached, resumable.
 
-Single objective: minimise the fitness (rFID by default) under a MACs budget; candidates over
+Single objective: minimise the fitness (per-sample distance to the teacher by default) under a MACs budget; candidates over
 the budget are repaired (see the space's `repair`). Pareto mode: NSGA-II selection (non-
 dominated sorting and crowding distance from pymoo) on (fitness, MACs), returning the front.
 After every generation the whole state (population, RNG, scored candidates, history) is
@@ -22,7 +22,6 @@ from ..cost import StepCosts
 from ..errors import FlexdiffError
 from ..io import save_figure, write_json
 from ..schedule import Schedule
-from .space import space_from_dict
 
 STATE_FILE = "search_state.json"
 METRIC_LABELS = {"distance": "per-sample distance to the teacher", "rfid": "rFID to the teacher's samples",
@@ -261,10 +260,9 @@ class Search:
         if self.cfg.pareto:
             front = [self._schedule(e["genome"], f"{label} front {self.teacher_macs / e['macs']:.1f}x",
                                     e["fitness"], e["macs"]) for e in self._front(state)]
+            write_json(self.out_dir / "front.json", [s.to_dict() for s in front])
         best.save(self.out_dir / "best.json")
         write_json(self.out_dir / "history.json", state["history"])
-        if self.cfg.pareto:
-            write_json(self.out_dir / "front.json", [s.to_dict() for s in front])
         self._plot(state, best, front)
         return SearchResult(best=best, front=front, history=state["history"], evaluated=state["evaluated"],
                             seconds=state["seconds"])
@@ -305,12 +303,15 @@ class Search:
 
 
 def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, progress=None,
-                         batch_size: int = 256, teacher_cache: Path | None = None) -> Search:
-    """Wire a search to a model: step costs, the teacher, the fitness on fixed noise."""
+                         batch_size: int = 256, teacher_cache: Path | None = None,
+                         costs: StepCosts | None = None) -> Search:
+    """Wire a search to a model: step costs (counted unless given), the teacher, the fitness on fixed noise.
+
+    The settings are checked before the teacher's samples are drawn, the slow part of the set-up."""
     from ..cost import measure_step_costs
     from .fitness import Fitness
 
-    costs = measure_step_costs(model.unet)
+    costs = costs or measure_step_costs(model.unet)
     space.validate(len(costs.partial))
     cfg.check()
     teacher = Schedule.full("ddim", cfg.teacher_steps)
@@ -321,4 +322,4 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     return Search(space, costs, costs.schedule_macs(teacher), fitness, cfg, out_dir, progress)
 
 
-__all__ = ["Search", "SearchConfig", "SearchResult", "search_from_settings", "space_from_dict"]
+__all__ = ["Search", "SearchConfig", "SearchResult", "search_from_settings"]

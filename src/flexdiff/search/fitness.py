@@ -53,10 +53,12 @@ class Fitness:
     def features(self, schedule: Schedule) -> np.ndarray:
         return self.meter.features(self._images(schedule, schedule.describe()))
 
-    def score(self, feats: np.ndarray) -> float:
-        if self.metric == "rfid":
+    def score(self, feats: np.ndarray, metric: str | None = None) -> float:
+        """The fitness of features drawn on the evaluation noise (by this fitness's metric, or `metric`)."""
+        metric = metric or self.metric
+        if metric == "rfid":
             return fid(feats, self.teacher)
-        if self.metric == "distance":
+        if metric == "distance":
             return float(np.linalg.norm(feats - self.teacher, axis=1).mean())
         return fid(feats, self.meter.reference)
 

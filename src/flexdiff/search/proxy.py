@@ -59,10 +59,10 @@ def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidat
         feats = proxy.features(s)
         t_feat = time.perf_counter() - t0
         t1 = time.perf_counter()
-        rfid = fid(feats, proxy.teacher)
+        rfid = proxy.score(feats, "rfid")
         t_rfid = time.perf_counter() - t1 + t_feat
         t1 = time.perf_counter()
-        dist = float(np.linalg.norm(feats - proxy.teacher, axis=1).mean())
+        dist = proxy.score(feats, "distance")
         t_dist = time.perf_counter() - t1 + t_feat
         t2 = time.perf_counter()
         imgs = sample(model.unet, model.scheduler_config, s, big_noise, progress=progress, description="real FID").images
