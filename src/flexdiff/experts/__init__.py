@@ -1,0 +1,1 @@
+"""Mixture of efficient experts (DiffPruning): intervals, elastic experts, routing agent, mixture."""
