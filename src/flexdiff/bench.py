@@ -32,6 +32,10 @@ FAMILY_STYLE = {  # colour, marker
     "autodiffusion": ("tab:purple", "P"),
     "flexiffusion": ("tab:red", "D"),
     "schedule": ("tab:brown", "X"),
+    "experts": ("tab:cyan", "h"),
+    "experts+schedule": ("teal", "d"),
+    "experts-uniform": ("tab:pink", "p"),
+    "diff-pruning": ("tab:gray", "8"),
 }
 
 
@@ -40,6 +44,7 @@ class Method:
     name: str
     family: str
     schedule: Schedule
+    model: str | None = None  # another model folder (a mixture, a pruned UNet); None = the bench's model
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,12 @@ class BenchConfig:
     search_eval_samples: int = 256
     flexiffusion_metrics: tuple[str, ...] = ("distance", "fid")  # one Flexiffusion search per fitness
     autodiffusion: bool = True  # also run the AutoDiffusion-style peer search at each budget
+    # Mixtures of experts: pre-built mixture folders ("default" = the one shipped for the default model),
+    # and budgets at which the bench builds its own (resumable under out/experts/), each with its two
+    # baselines at the same MACs: uniform-width experts and a single Diff-Pruning-style pruned model
+    mixtures: tuple[str, ...] = ()
+    expert_budgets: tuple[float, ...] = ()
+    mixture_deepcache: int = 3  # also run each mixture with DeepCache 1:N at branch 0 (0 = no)
 
     def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = ()) -> list[Method]:
         t = self.teacher_steps
@@ -83,9 +94,10 @@ PRESETS = {
     # the README's main job: about 6 minutes on 2 cores
     "quick": BenchConfig(samples=500, ddim_steps=(10, 20), dpm_steps=(5, 10), deepcache_intervals=(3, 5),
                          deepcache_branches=(0, 2), deepcache_nonuniform=(5,), search_budgets=(1 / 16,),
-                         search_population=12, search_generations=6, search_eval_samples=128),
-    # the docs' table: about 20 minutes on 2 cores
-    "full": BenchConfig(samples=2000, search_budgets=(1 / 16, 1 / 25)),
+                         search_population=12, search_generations=6, search_eval_samples=128,
+                         mixtures=("default",)),
+    # the docs' table: about 2 hours on 2 cores (searches, two mixtures with their baselines)
+    "full": BenchConfig(samples=2000, search_budgets=(1 / 16, 1 / 25), expert_budgets=(0.5, 0.4)),
 }
 
 
@@ -128,29 +140,67 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
     return tuple(found), seconds
 
 
+def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progress=None) -> list[Method]:
+    """The mixtures of experts (shipped or built here at each budget) and their baselines, on the teacher's sampler."""
+    from .experts.pipeline import ExpertsConfig, ExpertsPipeline
+    from .models import default_mixture_dir
+
+    t = cfg.teacher_steps
+    full = Schedule.full("ddim", t)
+    out = []
+
+    def with_schedule(label: str, path: Path) -> list[Method]:
+        rows = [Method(f"{label} (DDIM-{t})", "experts", full, str(path))]
+        if cfg.mixture_deepcache:
+            n = cfg.mixture_deepcache
+            rows.append(Method(f"{label} + DeepCache 1:{n} b0 (DDIM-{t})", "experts+schedule",
+                               Schedule.deepcache("ddim", t, n, 0), str(path)))
+        return rows
+
+    for name in cfg.mixtures:
+        path = default_mixture_dir() if name == "default" else Path(name)
+        label = "mixture of experts (shipped)" if name == "default" else f"mixture {path.name}"
+        out += with_schedule(label, path)
+    for budget in cfg.expert_budgets:
+        pipe = ExpertsPipeline(model, out_dir / "experts", ExpertsConfig(budget=budget, num_steps=t), progress=progress)
+        out += with_schedule(f"mixture of experts ≤{budget:g}", pipe.final(budget))
+        out.append(Method(f"uniform-width experts ≈{budget:g} (DDIM-{t})", "experts-uniform", full,
+                          str(pipe.uniform_experts(budget))))
+        out.append(Method(f"Diff-Pruning single model ≈{budget:g} (DDIM-{t})", "diff-pruning", full,
+                          str(pipe.pruned_baseline(budget))))
+    return out
+
+
 def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter,
               extra: tuple[Schedule, ...] = (), progress=None) -> dict:
+    from .models import load_model
+
     out_dir = Path(out_dir)
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     costs = measure_step_costs(model.unet)
     searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress)
-    methods = cfg.methods(extra, searched)
+    methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress)
+    models = {None: (model, costs, _model_fingerprint(model))}
     for m in methods:
-        m.schedule.check_fits(len(costs.partial))
+        if m.model not in models:
+            other = load_model(m.model)
+            models[m.model] = (other, measure_step_costs(other.unet), _model_fingerprint(other))
+        m.schedule.check_fits(len(models[m.model][1].partial))
     c = model.unet.config
     noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
-    fp = _model_fingerprint(model)
+    fp = models[None][2]
 
     task = progress.add_task("bench", total=len(methods)) if progress else None
     runs = []
     for m in methods:
-        path = cache_dir / f"{_method_key(fp, m, cfg)}.safetensors"
+        m_model, _, m_fp = models[m.model]
+        path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"
         if path.exists():
             stored = load_file(path)
             images, seconds, resumed = stored["images"], float(stored["seconds"]), True
         else:
-            r = sample(model.unet, model.scheduler_config, m.schedule, noise, cfg.batch_size,
+            r = sample(m_model.unet, m_model.scheduler_config, m.schedule, noise, cfg.batch_size,
                        progress=progress, description=m.name)
             images, seconds, resumed = r.images, r.seconds, False
             save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds)})
@@ -165,9 +215,9 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     for m, images, seconds, resumed in runs:
         feats = teacher_feats if m.family == "teacher" else meter.features(images)
         metrics = meter.report(feats, None if m.family == "teacher" else teacher_feats)
-        macs = costs.schedule_macs(m.schedule)
+        macs = models[m.model][1].schedule_macs(m.schedule)
         rows.append(dict(
-            method=m.name, family=m.family, schedule=m.schedule.to_dict(),
+            method=m.name, family=m.family, schedule=m.schedule.to_dict(), model=m.model,
             counts=m.schedule.counts(), macs_per_image=macs,
             speedup_macs=teacher_macs / macs, seconds=seconds,
             ms_per_image=1000 * seconds / cfg.samples, speedup_wall=teacher_sec / seconds,
@@ -240,9 +290,10 @@ def plot_bench(result: dict, path: Path) -> Path:
                         fmt=marker, color=color, label=None if r["family"] in seen else r["family"],
                         ms=9 if r["family"] == "teacher" else 6, capsize=2)
             seen.add(r["family"])
-        five = 0.05 * teacher_fid
-        ax.axhline(teacher_fid + five if key == "fid" else five, color="gray", ls="--", lw=0.8,
-                   label="teacher FID + 5%")
+        for frac, ls in ((0.05, "--"), (0.10, ":")):
+            d = frac * teacher_fid
+            ax.axhline(teacher_fid + d if key == "fid" else d, color="gray", ls=ls, lw=0.8,
+                       label=f"teacher FID + {frac:.0%}")
         if key != "fid":
             ax.axhline(0, color="black", lw=0.6)
         ax.set_xscale("log")

@@ -1,4 +1,4 @@
-"""The `flexdiff` command line: train | sample | evaluate | bench."""
+"""The `flexdiff` command line: train | sample | evaluate | bench | search | intervals | experts."""
 
 from __future__ import annotations
 
@@ -282,6 +282,8 @@ def bench(
     search_population: Optional[int] = typer.Option(None, min=2, help="Population of each search."),
     search_eval_samples: Optional[int] = typer.Option(None, min=8, help="Evaluation samples per candidate in the searches."),
     autodiffusion: Optional[bool] = typer.Option(None, "--autodiffusion/--no-autodiffusion", help="Also run the AutoDiffusion-style peer search."),
+    mixture: list[Path] = typer.Option([], "--mixture", help="Mixture-of-experts folders to include (repeatable); 'default' is the shipped one."),
+    expert_budgets: Optional[str] = typer.Option(None, help="Build mixtures of experts at these budgets (fractions of the teacher's MACs, e.g. 0.5,0.4) with their baselines, or 'none'."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
@@ -310,6 +312,11 @@ def bench(
     )
     if any(not 0 < b <= 1 for b in overrides["search_budgets"] or ()):
         raise FlexdiffError(f"--search-budgets {search_budgets!r}: each must be a fraction in (0, 1]")
+    overrides["expert_budgets"] = () if expert_budgets == "none" else _float_list(expert_budgets, "--expert-budgets")
+    if any(not 0 < b <= 1 for b in overrides["expert_budgets"] or ()):
+        raise FlexdiffError(f"--expert-budgets {expert_budgets!r}: each must be a fraction in (0, 1]")
+    if mixture:
+        overrides["mixtures"] = tuple(str(p) for p in mixture)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     extra = tuple(Schedule.load(p) for p in schedule)
     loaded = load_model(model)
@@ -354,7 +361,7 @@ def search(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Search a schedule of full / partial / null steps that stays closest to the teacher under a MACs budget."""
-    from .engine import anatomy
+    from .engine import num_branches as count_branches
     from .metrics import QualityMeter
     from .models import load_model
     from .schedule import SAMPLERS
@@ -370,7 +377,7 @@ def search(
     if sampler not in SAMPLERS:
         raise FlexdiffError(f"--sampler {sampler!r}: accepted values are {', '.join(SAMPLERS)}")
     loaded = load_model(model)
-    num_branches = anatomy(loaded.unet).num_branches
+    num_branches = count_branches(loaded.unet)
     kw = dict(num_train_timesteps=loaded.scheduler_config.get("num_train_timesteps", 1000))
     if steps:
         kw["step_choices"] = _parse_ints(steps, "--steps")
@@ -442,6 +449,110 @@ def train_classifier_cmd(
     with progress_bar() as progress:
         info = train_classifier(out, epochs=epochs, seed=seed, progress=progress)
     console.print(f"test accuracy {info['test_accuracy']:.4f} on {info['test_images']} images -> {out}")
+
+
+def _training_images(data: Optional[Path], loaded):
+    if data is None:
+        return None  # the pipeline uses the digits for the default model, and refuses other models
+    from .data import load_image_folder
+
+    c = loaded.unet.config
+    images = load_image_folder(data, c.sample_size, c.in_channels)
+    return images
+
+
+@app.command("intervals")
+@user_errors
+def intervals_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for intervals.json, similarity.png and similarity.npz."),
+    model: Optional[Path] = ModelOpt,
+    data: Optional[Path] = typer.Option(None, "--data", help="Images the model was trained on (default: the digits, for the default model)."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Number of intervals. Default: the knee of the within-interval cost curve."),
+    k_max: int = typer.Option(5, "--k-max", min=1, help="Largest K the knee rule considers."),
+    measure: str = typer.Option("mean", help="Similarity to cluster: grad (loss-gradient cosine), cka (activation CKA) or mean."),
+    timesteps: int = typer.Option(20, "--timesteps", min=2, help="Timesteps sampled evenly over the training range."),
+    images: int = typer.Option(128, "--images", min=2, help="Images (with one fixed noise) per timestep."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Timestep similarity (gradient cosine and activation CKA), heat map, and contiguous intervals."""
+    import torch
+
+    from .experts.intervals import find_intervals
+    from .experts.pipeline import _images
+    from .models import load_model
+
+    _threads(threads)
+    loaded = load_model(model)
+    if getattr(loaded.unet, "experts", None) is not None:
+        raise FlexdiffError(f"--model {loaded.path} is a mixture; give the teacher UNet")
+    imgs = _images(loaded, _training_images(data, loaded))
+    g = torch.Generator().manual_seed(seed)
+    imgs = imgs[torch.randperm(len(imgs), generator=g)[:images]]
+    with progress_bar() as progress:
+        iv = find_intervals(loaded.unet, imgs, loaded.scheduler_config, out, timesteps, measure, k, k_max, seed,
+                            progress)
+    console.print(f"{iv.k} intervals ({iv.meta['k_rule']}): " + ", ".join(f"[{a}, {b}]" for a, b in iv.bounds())
+                  + f" -> {out / 'intervals.json'}, {out / 'similarity.png'}", markup=False, highlight=False)
+
+
+@app.command("experts")
+@user_errors
+def experts_cmd(
+    out: Path = typer.Option(..., "--out", help="Pipeline folder: every stage writes (and resumes) under it."),
+    model: Optional[Path] = ModelOpt,
+    data: Optional[Path] = typer.Option(None, "--data", help="Training images (default: the digits, for the default model)."),
+    budget: float = typer.Option(0.5, help="MACs of the whole sampling run, as a fraction of the teacher's."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Run only up to this stage: intervals, elastic, agent or final (each resumes)."),
+    sampler: str = typer.Option("ddim", help="The sampling run the budget is counted on."),
+    steps: int = typer.Option(100, "--steps", min=1, help="Steps of that sampling run."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Number of intervals (default: knee rule)."),
+    elastic_steps: int = typer.Option(200, min=1, help="Sandwich-rule steps per elastic expert."),
+    agent_steps: int = typer.Option(150, min=1, help="Routing agent steps."),
+    final_steps: int = typer.Option(400, min=1, help="Fine-tuning steps per extracted expert."),
+    batch_size: int = typer.Option(64, min=1),
+    seed: int = typer.Option(0),
+    baselines: bool = typer.Option(False, "--baselines", help="Also build the Diff-Pruning single model and the uniform-width experts at the same MACs."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Prune the model into a mixture of interval experts (DiffPruning) under a MACs budget.
+
+    Stages: intervals -> elastic fine-tuning -> routing agent -> extraction + final fine-tuning.
+    The result, OUT/budget-B/mixture, works as --model for sample, evaluate, search and bench.
+    """
+    import time
+
+    from .experts.pipeline import STAGES, ExpertsConfig, ExpertsPipeline
+    from .models import load_model
+
+    _threads(threads)
+    if stage is not None and stage not in STAGES:
+        raise FlexdiffError(f"--stage {stage!r}; accepted: {', '.join(STAGES)}")
+    loaded = load_model(model)
+    cfg = ExpertsConfig(budget=budget, sampler=sampler, num_steps=steps, k=k, elastic_steps=elastic_steps,
+                        agent_steps=agent_steps, final_steps=final_steps, batch_size=batch_size, seed=seed)
+    t0 = time.perf_counter()
+    with progress_bar() as progress:
+        pipe = ExpertsPipeline(loaded, out, cfg, _training_images(data, loaded), progress)
+        stages = STAGES if stage is None else STAGES[:STAGES.index(stage) + 1]
+        result = pipe.run(stages)
+        if baselines and result is not None:
+            pipe.uniform_experts()
+            pipe.pruned_baseline()
+    took = time.perf_counter() - t0
+    if result is None:
+        console.print(f"stage {stage} done in {took:.0f} s -> {out}", markup=False, highlight=False)
+        return
+    import json
+
+    man = json.loads((result / "mixture.json").read_text())
+    lines = [f"mixture at {man['fraction_of_teacher']:.3f} of the teacher's MACs ({man['sampler']}-{man['num_steps']}), "
+             f"built in {took:.0f} s -> {result}"]
+    for e, calls, served in zip(man["experts"], man["macs_per_call"], man["steps_served"]):
+        lines.append(f"  expert t in [{e['interval'][0]}, {e['interval'][1]}]: widths {e['spec']['widths']}, "
+                     f"depths {e['spec']['depths']}, {calls / man['teacher_macs_per_call']:.2f} of the teacher per call, "
+                     f"{served} steps")
+    console.print("\n".join(lines), markup=False, highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

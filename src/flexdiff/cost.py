@@ -41,9 +41,87 @@ def _count(fn) -> float:
     return counter.get_total_flops() / 2  # one MAC = one multiply + one add
 
 
+def _example_inputs(unet, cross_attention_len: int = 77):
+    cfg = unet.config
+    x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    kwargs = {}
+    if isinstance(unet, UNet2DConditionModel):
+        kwargs["encoder_hidden_states"] = torch.zeros(1, cross_attention_len, cfg.cross_attention_dim)
+    return x, torch.tensor([500]), kwargs
+
+
 @torch.no_grad()
-def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: int = 77) -> StepCosts:
-    """Count MACs of a full step and of a partial step at every branch, for one image."""
+def count_macs(unet) -> float:
+    """MACs of one full forward of `unet` for one image."""
+    x, t, kwargs = _example_inputs(unet)
+    return _count(lambda: unet(x, t, **kwargs))
+
+
+@dataclass(frozen=True)
+class MixtureStepCosts:
+    """Step costs of a mixture of experts: a step costs what its expert costs.
+
+    A full step is made by the expert of its timestep; a partial step by the expert of the last
+    full step (the engine's rule). The timesteps of a schedule come from its sampler.
+    """
+
+    experts: tuple[StepCosts, ...]
+    starts: tuple[int, ...]  # interval starts (the mixture's routing)
+    scheduler_config: tuple  # sorted items, so the dataclass stays hashable
+
+    @property
+    def full(self) -> float:
+        return max(c.full for c in self.experts)
+
+    @property
+    def partial(self) -> tuple[float, ...]:
+        n = min(len(c.partial) for c in self.experts)
+        return tuple(max(c.partial[b] for c in self.experts) for b in range(n))
+
+    @property
+    def guidance_factor(self) -> int:
+        return self.experts[0].guidance_factor
+
+    def _expert(self, t: float) -> int:
+        return max(i for i, s in enumerate(self.starts) if s <= t) if t >= self.starts[0] else 0
+
+    def schedule_macs(self, schedule: Schedule) -> float:
+        timesteps = _schedule_timesteps(schedule, dict(self.scheduler_config))
+        total, expert = 0.0, 0
+        for step, t in zip(schedule.steps, timesteps):
+            if step.kind is StepKind.FULL:
+                expert = self._expert(float(t))
+            total += self.experts[expert].step_macs(step.kind, step.branch)
+        return total
+
+    def to_dict(self) -> dict:
+        return dict(experts=[c.to_dict() for c in self.experts], starts=list(self.starts))
+
+
+_TIMESTEPS: dict = {}
+
+
+def _schedule_timesteps(schedule: Schedule, scheduler_config: dict) -> list[float]:
+    from .sampling import make_scheduler, set_timesteps
+
+    key = (schedule.sampler, schedule.num_steps, schedule.timesteps, tuple(sorted(scheduler_config.items())))
+    if key not in _TIMESTEPS:
+        sched = make_scheduler(schedule.sampler, scheduler_config)
+        set_timesteps(sched, schedule)
+        _TIMESTEPS[key] = [float(t) for t in sched.timesteps]
+    return _TIMESTEPS[key]
+
+
+@torch.no_grad()
+def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: int = 77):
+    """Count MACs of a full step and of a partial step at every branch, for one image.
+
+    For a mixture of experts, per expert (a `MixtureStepCosts`).
+    """
+    if hasattr(unet, "experts") and hasattr(unet, "route"):
+        per = tuple(measure_step_costs(e, guidance, cross_attention_len) for e in unet.experts)
+        cfg = {k: v for k, v in unet.scheduler_config.items() if not k.startswith("_") and not isinstance(v, list)}
+        return MixtureStepCosts(per, tuple(unet.intervals.starts), tuple(sorted(cfg.items())))
     cfg = unet.config
     x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     t = torch.tensor([500])

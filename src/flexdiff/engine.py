@@ -92,6 +92,11 @@ def anatomy(unet: torch.nn.Module) -> UNetAnatomy:
     return UNetAnatomy(units=units, blocks=blocks, num_branches=num_branches)
 
 
+def _experts(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNets behind `unet`: itself, or every expert of a mixture (flexdiff.experts.Mixture)."""
+    return list(unet.experts) if hasattr(unet, "experts") and hasattr(unet, "route") else [unet]
+
+
 @dataclass
 class EngineRun:
     """Per-run state: which step comes next, what the last full step cached, the last output."""
@@ -101,6 +106,7 @@ class EngineRun:
     branch: int = 0
     cache: dict[int, Any] = field(default_factory=dict)
     last_output: Any = None
+    expert: int = 0  # with a mixture: the expert of the last full step
 
 
 class _CacheHook(ModelHook):
@@ -136,6 +142,14 @@ class _StepHook(ModelHook):
         run.branch = step.branch if step.branch is not None else 0
         if step.kind is StepKind.NULL:
             out = run.last_output  # no network call: reuse the last noise prediction
+        elif eng.is_mixture:
+            # a full step calls the expert of its timestep; a partial step calls the expert of the last
+            # full step, whose deep features are the ones in the cache
+            if step.kind is StepKind.FULL:
+                t = args[1] if len(args) > 1 else kwargs["timestep"]
+                run.expert = int(module.route(t)[0])
+            out = self.fn_ref.original_forward(*args, expert=run.expert, **kwargs)
+            run.last_output = out
         else:
             out = self.fn_ref.original_forward(*args, **kwargs)
             run.last_output = out
@@ -154,14 +168,21 @@ class StepEngine:
     """
 
     def __init__(self, unet: torch.nn.Module, schedule: Schedule, pipeline_scheduler: Any = None):
+        # `unet`: a diffusers UNet, or a flexdiff mixture of experts (one UNet per timestep interval)
         self.unet = unet
         self.pipeline_scheduler = pipeline_scheduler  # checked against the schedule when a run starts
-        self.anatomy = anatomy(unet)
+        # a mixture of experts: every expert is hooked; a schedule must fit the one with the fewest branches
+        self.anatomies = [anatomy(m) for m in _experts(unet)]
+        self.anatomy = min(self.anatomies, key=lambda a: a.num_branches)
         schedule.check_fits(self.anatomy.num_branches)
         self.schedule = schedule
         self.run = EngineRun()
         self.calls = {k.value: 0 for k in StepKind}  # UNet calls seen, by the kind of step they were
         self._hooked: list[torch.nn.Module] = []
+
+    @property
+    def is_mixture(self) -> bool:
+        return hasattr(self.unet, "experts") and hasattr(self.unet, "route")
 
     @property
     def attached(self) -> bool:
@@ -201,14 +222,15 @@ class StepEngine:
         if hasattr(self.unet, "_diffusers_hook") and self.unet._diffusers_hook.get_hook(HOOK_NAME):
             raise FlexdiffError("this UNet already has a flexdiff schedule applied; remove it first")
         key = 0
-        for group in (self.anatomy.units, self.anatomy.blocks):
-            for unit in group:
-                for module in unit.modules:
-                    HookRegistry.check_if_exists_or_initialize(module).register_hook(
-                        _CacheHook(self, key, unit.depth), HOOK_NAME
-                    )
-                    self._hooked.append(module)
-                    key += 1
+        for anat in self.anatomies:
+            for group in (anat.units, anat.blocks):
+                for unit in group:
+                    for module in unit.modules:
+                        HookRegistry.check_if_exists_or_initialize(module).register_hook(
+                            _CacheHook(self, key, unit.depth), HOOK_NAME
+                        )
+                        self._hooked.append(module)
+                        key += 1
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), HOOK_NAME)
         self._hooked.append(self.unet)
         self.reset()
@@ -236,3 +258,8 @@ def apply_schedule(model_or_pipeline: Any, schedule: Schedule) -> StepEngine:
     """
     unet = getattr(model_or_pipeline, "unet", model_or_pipeline)
     return StepEngine(unet, schedule, getattr(model_or_pipeline, "scheduler", None)).attach()
+
+
+def num_branches(unet: torch.nn.Module) -> int:
+    """Cache branches a schedule may use on `unet` (on a mixture: those every expert has)."""
+    return min(anatomy(m).num_branches for m in _experts(unet))

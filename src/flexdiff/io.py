@@ -48,3 +48,17 @@ def save_figure(path: Path, fig) -> Path:
     """Save a matplotlib figure atomically (format from the path's suffix)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     return _atomic(path, lambda p: fig.savefig(p, format=fmt, dpi=120, bbox_inches="tight"))
+
+
+def save_npz(path: Path, **arrays) -> Path:
+    import numpy as np
+
+    return _atomic(path, lambda p: p.write_bytes(_npz_bytes(np, arrays)))
+
+
+def _npz_bytes(np, arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

@@ -45,6 +45,11 @@ def default_model_dir() -> Path:
     return assets_dir() / "default_unet"
 
 
+def default_mixture_dir() -> Path:
+    """The mixture of experts shipped for the default model (built by `flexdiff experts`, see its README)."""
+    return assets_dir() / "default_mixture"
+
+
 @dataclass
 class LoadedModel:
     """A UNet plus the scheduler config it was trained with, and where it came from."""
@@ -55,7 +60,8 @@ class LoadedModel:
 
     @property
     def is_conditional(self) -> bool:
-        return isinstance(self.unet, UNet2DConditionModel)
+        experts = getattr(self.unet, "experts", None)  # a mixture: its experts' class
+        return isinstance(experts[0] if experts is not None else self.unet, UNet2DConditionModel)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -76,6 +82,11 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
         raise FlexdiffError(f"--model {path}: no such file or folder")
     if not path.is_dir():
         raise FlexdiffError(f"--model {path}: expected a diffusers model folder, got a file")
+    from .experts.mixture import is_mixture, load_mixture
+
+    if is_mixture(path):  # a mixture of experts folder (flexdiff experts): one UNet per timestep interval
+        mixture, _ = load_mixture(path)
+        return LoadedModel(unet=mixture, scheduler_config=mixture.scheduler_config, path=path)
     unet_dir, sched_file = path, path / "scheduler_config.json"
     if (path / "model_index.json").exists():
         unet_dir = path / "unet"

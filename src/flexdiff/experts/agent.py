@@ -1,0 +1,272 @@
+"""The Expert Routing Agent: a small network that picks every expert's sub-network under one budget.
+
+Per expert it outputs logits over each elastic factor (the width of every cuttable stage, and
+the depth). Training samples sub-networks with the straight-through Gumbel-softmax (Jang et al.
+2017) and scores them on the expert's denoising + distillation loss; the gradient of
+    sum_s  y_s * (L_s - mean_s' L_s')            (y_s: the relaxed one-hot weight of sample s)
+moves probability towards the sub-networks that denoise better than their siblings on the same
+batch. A budget loss on the *expected* MACs of a whole sampling run,
+    (log(E[MACs] / budget))^2,   E[MACs] = sum_e (steps served by e) * E_{p_e}[MACs(spec)],
+is exact and differentiable (the MACs of every spec are counted once). The agent, not a
+hand-set ratio, decides how the budget is split between experts. The final choice is the most
+probable joint setting that fits the budget (dynamic programming over the experts).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import FlexdiffError
+from ..io import save_figure, torch_save, write_json
+from .elastic import ElasticUNet, SubnetSpec
+from .finetune import IntervalBatches, denoise_loss
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    steps: int = 200
+    samples: int = 4  # sub-networks scored per expert and step (on the same batch)
+    batch_size: int = 64
+    lr: float = 0.05
+    budget_weight: float = 4.0
+    tau_start: float = 2.0
+    tau_end: float = 0.3
+    distill: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+
+
+class SpecSpace:
+    """The factors an expert can choose (each cuttable stage's width, the depth) and every spec's MACs."""
+
+    def __init__(self, elastic: ElasticUNet, macs_of):
+        n = len(elastic.full.widths)
+        self.factors: list[tuple[str, object, list]] = []
+        for i in range(n):
+            choices = elastic.width_choices(i)
+            if len(choices) > 1:
+                self.factors.append(("width", i, choices))
+        if len(elastic.depth_options()) > 1:
+            self.factors.append(("depth", None, elastic.depth_options()))
+        self.full = elastic.full
+        self.shape = tuple(len(f[2]) for f in self.factors)
+        grid = np.zeros(self.shape or (1,))
+        for idx in itertools.product(*(range(s) for s in self.shape)):
+            grid[idx if idx else 0] = macs_of(self.spec(idx))
+        self.macs = torch.tensor(grid, dtype=torch.float64)
+
+    def spec(self, idx) -> SubnetSpec:
+        widths, depths = list(self.full.widths), self.full.depths
+        for (kind, stage, choices), k in zip(self.factors, idx):
+            if kind == "width":
+                widths[stage] = choices[k]
+            else:
+                depths = choices[k]
+        return SubnetSpec(tuple(widths), tuple(depths))
+
+    def expected_macs(self, probs: list[torch.Tensor]) -> torch.Tensor:
+        """E[MACs] when each factor is drawn independently from its probabilities."""
+        out = self.macs
+        for p in reversed(probs):  # contract the last factor first
+            out = out @ p.to(out.dtype)
+        return out if probs else out[0]
+
+
+class RoutingAgent(torch.nn.Module):
+    """expert embedding -> MLP -> logits for every factor of that expert."""
+
+    def __init__(self, num_experts: int, factor_sizes: tuple[int, ...], hidden: int = 32, seed: int = 0):
+        super().__init__()
+        self.sizes = factor_sizes
+        with torch.random.fork_rng():  # the initial weights depend on `seed` only, not on the caller's stream
+            torch.manual_seed(seed)
+            self.embed = torch.nn.Parameter(torch.randn(num_experts, 16) * 0.1)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.SiLU(),
+                                           torch.nn.Linear(hidden, max(1, sum(factor_sizes))))
+        with torch.no_grad():  # start from (nearly) uniform choices
+            self.mlp[2].weight.mul_(0.01)
+            self.mlp[2].bias.zero_()
+
+    def logits(self) -> list[list[torch.Tensor]]:
+        flat = self.mlp(self.embed)
+        out = []
+        for e in range(flat.shape[0]):
+            parts, k = [], 0
+            for s in self.sizes:
+                parts.append(flat[e, k:k + s])
+                k += s
+            out.append(parts)
+        return out
+
+
+def _gumbel_hard(logits: torch.Tensor, tau: float, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    u = torch.rand(logits.shape, generator=gen).clamp_(1e-9, 1 - 1e-9)
+    y = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+    k = int(y.argmax())
+    hard = torch.zeros_like(y)
+    hard[k] = 1.0
+    return hard - y.detach() + y, k  # straight-through: one-hot forward, relaxed gradient
+
+
+def choose_within_budget(logps: list[np.ndarray], macs: list[np.ndarray], budget: float) -> list[int]:
+    """Maximise the summed log-probability over experts subject to sum of weighted MACs <= budget.
+
+    `logps[e]`, `macs[e]`: flat arrays over expert e's specs (MACs already weighted by steps served).
+    Exact: the partial sums are kept as a Pareto front of (MACs, log-probability).
+    """
+    front = [(0.0, 0.0, [])]
+    for lp, m in zip(logps, macs):
+        cand = [(c + float(m[k]), s + float(lp[k]), picks + [k]) for c, s, picks in front for k in range(len(lp))]
+        cand = [x for x in cand if x[0] <= budget * (1 + 1e-9)]
+        cand.sort(key=lambda x: (x[0], -x[1]))
+        front, best = [], -math.inf
+        for x in cand:
+            if x[1] > best:
+                front.append(x)
+                best = x[1]
+    if not front:
+        raise FlexdiffError("no setting of the experts fits the budget")
+    return max(front, key=lambda x: x[1])[2]
+
+
+def check_budget(space: SpecSpace, served: list[int], budget: float, teacher_macs: float) -> None:
+    """A budget the smallest experts cannot meet is refused before any training."""
+    if not 0 < budget <= 1:
+        raise FlexdiffError(f"--budget {budget}: give a fraction of the teacher's MACs in (0, 1]")
+    smallest = float(space.macs.min()) * sum(served)
+    if smallest > budget * teacher_macs * (1 + 1e-9):
+        raise FlexdiffError(
+            f"--budget {budget}: cannot be met; the smallest sub-networks still need "
+            f"{smallest / teacher_macs:.3f} of the teacher's MACs (cut stage 0 and cross-attention stages are "
+            "kept whole). Raise --budget, or combine the mixture with a schedule of partial/null steps"
+        )
+
+
+def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], space: SpecSpace, served: list[int],
+                budget: float, out_dir: Path, cfg: AgentConfig = AgentConfig(), progress=None) -> dict:
+    """Train the agent, choose the specs, write `choice.json` and `agent.png`; resumable via `agent.pt`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_run = float(space.macs.max()) * sum(served)
+    check_budget(space, served, budget, teacher_run)
+    target = budget * teacher_run
+    weights = torch.tensor(served, dtype=torch.float64)
+    agent = RoutingAgent(len(elastics), space.shape, seed=cfg.seed)
+    opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, start, elapsed = [], 0, 0.0
+    scale = [None] * len(elastics)
+    ckpt = out_dir / "agent.pt"
+    if ckpt.exists():
+        ck = torch.load(ckpt, weights_only=True)
+        if ck["config"] != asdict(cfg) or ck["budget"] != budget or ck["served"] != list(served):
+            raise FlexdiffError(f"{ckpt}: written with other settings; use the same ones to resume, or another folder")
+        agent.load_state_dict(ck["agent"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        history, start, elapsed, scale = ck["history"], ck["step"], ck["elapsed"], ck["scale"]
+    task = progress.add_task("routing agent", total=cfg.steps, completed=start) if progress else None
+    t0 = time.perf_counter() - elapsed
+    for step in range(start, cfg.steps):
+        tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+        logits = agent.logits()
+        quality = torch.zeros((), dtype=torch.float64)
+        mean_losses = []
+        for e, (elastic, b) in enumerate(zip(elastics, batches)):
+            xt, t, noise, target_eps = b.draw(cfg.batch_size, gen)
+            ys, losses = [], []
+            for _ in range(cfg.samples):
+                picks = [_gumbel_hard(lg, tau, gen) for lg in logits[e]]
+                y = torch.ones((), dtype=torch.float32)
+                for hard, k in picks:
+                    y = y * hard[k]
+                with torch.no_grad():
+                    loss = float(denoise_loss(elastic(xt, t, spec=space.spec([k for _, k in picks])).sample,
+                                              noise, target_eps, cfg.distill))
+                ys.append(y)
+                losses.append(loss)
+            adv = torch.tensor(losses) - sum(losses) / len(losses)  # the siblings on the same batch are the baseline
+            s = float(adv.abs().mean()) + 1e-12
+            scale[e] = s if scale[e] is None else 0.9 * scale[e] + 0.1 * s
+            quality = quality + (served[e] / sum(served)) * sum(y * a for y, a in zip(ys, adv)) / (len(ys) * scale[e])
+            mean_losses.append(sum(losses) / len(losses))
+        probs = [[F.softmax(lg, dim=-1) for lg in lgs] for lgs in logits]
+        expected = sum(weights[e] * space.expected_macs(probs[e]) for e in range(len(elastics)))
+        budget_loss = torch.log(expected / target) ** 2
+        loss = quality + cfg.budget_weight * budget_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(dict(step=step + 1, expected_fraction=float(expected.detach() / teacher_run), tau=tau,
+                            losses=mean_losses))
+        elapsed = time.perf_counter() - t0
+        if task is not None:
+            progress.update(task, advance=1,
+                            description=f"routing agent E[MACs] {history[-1]['expected_fraction']:.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            torch_save(ckpt, dict(agent=agent.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
+                                  history=history, step=step + 1, elapsed=elapsed, scale=scale, budget=budget,
+                                  served=list(served), config=asdict(cfg)))
+    if task is not None:
+        progress.remove_task(task)
+    with torch.no_grad():
+        logits = agent.logits()
+    idx_all = list(itertools.product(*(range(s) for s in space.shape)))
+    logps, macs = [], []
+    for e in range(len(elastics)):
+        lp = [F.log_softmax(lg, -1) for lg in logits[e]]
+        logps.append(np.array([float(sum(lp[f][k] for f, k in enumerate(idx))) for idx in idx_all]))
+        macs.append(np.array([float(space.macs[idx if idx else 0]) * served[e] for idx in idx_all]))
+    picks = choose_within_budget(logps, macs, target)
+    specs = [space.spec(idx_all[k]) for k in picks]
+    full_call = float(space.macs.max())
+    experts = []
+    for e, (spec, k) in enumerate(zip(specs, picks)):
+        call = float(space.macs[idx_all[k] if idx_all[k] else 0])
+        experts.append(dict(spec=spec.to_dict(), macs_per_call=call, fraction_of_full=call / full_call,
+                            steps_served=served[e], share_of_run=call * served[e] / sum(
+                                float(space.macs[idx_all[j] if idx_all[j] else 0]) * served[i]
+                                for i, j in enumerate(picks)),
+                            probability=float(math.exp(logps[e][k]))))
+    total = sum(x["macs_per_call"] * x["steps_served"] for x in experts)
+    result = dict(budget=budget, fraction_of_teacher=total / teacher_run, experts=experts,
+                  wall_time_s=elapsed, steps=cfg.steps, config=asdict(cfg))
+    write_json(out_dir / "choice.json", result)
+    write_json(out_dir / "history.json", history)
+    plot_agent(history, experts, budget, out_dir / "agent.png")
+    return result
+
+
+def plot_agent(history: list[dict], experts: list[dict], budget: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a1.plot([h["step"] for h in history], [h["expected_fraction"] for h in history], label="E[MACs] / teacher")
+    a1.axhline(budget, color="red", ls="--", label=f"budget {budget:g}")
+    a1.set_xlabel("agent step")
+    a1.set_ylabel("fraction of the teacher's MACs")
+    a1.legend()
+    a1.set_title("expected cost during training")
+    xs = np.arange(len(experts))
+    a2.bar(xs, [x["fraction_of_full"] for x in experts], color="tab:blue")
+    for i, x in enumerate(experts):
+        a2.text(i, x["fraction_of_full"] + 0.02, f"{x['steps_served']} steps\n" + "/".join(map(str, x["spec"]["widths"])),
+                ha="center", fontsize=8)
+    a2.set_xticks(xs, [f"expert {i}" for i in xs])
+    a2.set_ylim(0, 1.25)
+    a2.set_ylabel("MACs per call / full model")
+    a2.set_title("the split the agent chose")
+    fig.tight_layout()
+    save_figure(path, fig)
+    plt.close(fig)

@@ -1,0 +1,155 @@
+"""A mixture of experts: one plain diffusers UNet per timestep interval, saved as one folder.
+
+Layout (`mixture.json` is the manifest):
+    mixture.json              format, intervals, one entry per expert (folder, spec, MACs, steps served)
+    intervals.json            the intervals alone
+    scheduler_config.json     the noise schedule the experts were trained with
+    expert_0/ ... expert_K/   each a `save_pretrained` UNet folder (safetensors), loadable with from_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+from ..errors import FlexdiffError
+from ..io import write_json
+from .elastic import SubnetSpec
+from .intervals import Intervals
+
+MANIFEST = "mixture.json"
+FORMAT = "flexdiff-mixture/1"
+
+
+class Mixture(torch.nn.Module):
+    """Calls the expert of the timestep's interval; behaves like a diffusers UNet for samplers and pipelines."""
+
+    def __init__(self, experts: list, intervals: Intervals, scheduler_config: dict | None = None,
+                 manifest: dict | None = None):
+        super().__init__()
+        from ..models import DEFAULT_SCHEDULER_CONFIG
+
+        self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
+        if len(experts) != intervals.k:
+            raise FlexdiffError(f"{len(experts)} experts for {intervals.k} intervals")
+        self.experts = torch.nn.ModuleList(experts)
+        self.intervals = intervals
+        self.manifest = manifest or {}
+
+    @property
+    def config(self):
+        return self.experts[0].config  # sample size and channels are the same for every expert
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def route(self, timestep) -> torch.Tensor:
+        """The expert index of every timestep in `timestep` (scalar or batch)."""
+        t = torch.as_tensor(timestep).reshape(-1).float()
+        starts = torch.tensor(self.intervals.starts, dtype=torch.float32)
+        return (torch.searchsorted(starts, t, right=True) - 1).clamp_(min=0)
+
+    def forward(self, sample, timestep, *args, expert: int | None = None, **kwargs):
+        if expert is not None:
+            return self.experts[expert](sample, timestep, *args, **kwargs)
+        idx = self.route(timestep)
+        if idx.numel() == 1 or bool((idx == idx[0]).all()):
+            return self.experts[int(idx[0])](sample, timestep, *args, **kwargs)
+        # a batch whose timesteps fall in several intervals (training, mostly): each part goes to its expert
+        t = torch.as_tensor(timestep).reshape(-1)
+        out, kind = None, None
+        for e in idx.unique().tolist():
+            rows = (idx == e).nonzero().reshape(-1)
+            part_kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == sample.shape[:1] else v)
+                           for k, v in kwargs.items()}
+            res = self.experts[e](sample[rows], t[rows], *args, **part_kwargs)
+            part = res.sample if hasattr(res, "sample") else res[0]
+            if out is None:
+                out, kind = torch.empty((sample.shape[0], *part.shape[1:]), dtype=part.dtype), type(res)
+            out[rows] = part
+        return kind(sample=out) if hasattr(kind, "__dataclass_fields__") else (out,)
+
+
+def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], scheduler_config: dict,
+                 out_dir: Path, info: dict | None = None) -> Path:
+    """Write the mixture folder atomically: built beside the target, then renamed into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        entries = []
+        for k, (model, spec, (lo, hi)) in enumerate(zip(experts, specs, intervals.bounds())):
+            model.save_pretrained(tmp / f"expert_{k}", safe_serialization=True)
+            entries.append(dict(folder=f"expert_{k}", interval=[lo, hi], spec=spec.to_dict(),
+                                parameters=sum(p.numel() for p in model.parameters())))
+        write_json(tmp / "intervals.json", intervals.to_dict())
+        write_json(tmp / "scheduler_config.json", scheduler_config)
+        write_json(tmp / MANIFEST, dict(format=FORMAT, model_class=type(experts[0]).__name__,
+                                        intervals=intervals.to_dict(), experts=entries, **(info or {})))
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def is_mixture(path: Path) -> bool:
+    return (Path(path) / MANIFEST).exists()
+
+
+def load_mixture(path: Path) -> tuple[Mixture, dict]:
+    """Load a mixture folder; every problem names the file and the field."""
+    path = Path(path)
+    man_file = path / MANIFEST
+    try:
+        man = json.loads(man_file.read_text())
+    except FileNotFoundError:
+        raise FlexdiffError(f"{path}: not a mixture folder (no {MANIFEST})") from None
+    except json.JSONDecodeError as e:
+        raise FlexdiffError(f"{man_file}: not valid JSON ({e})") from None
+    if man.get("format") != FORMAT:
+        raise FlexdiffError(f"{man_file}: format is {man.get('format')!r}; expected {FORMAT!r}")
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    cls = classes.get(man.get("model_class"))
+    if cls is None:
+        raise FlexdiffError(f"{man_file}: model_class is {man.get('model_class')!r}; accepted: {', '.join(classes)}")
+    intervals = Intervals.from_dict(man.get("intervals") or {}, where=f"{man_file} intervals")
+    entries = man.get("experts")
+    if not isinstance(entries, list) or len(entries) != intervals.k:
+        raise FlexdiffError(f"{man_file}: 'experts' must list one entry per interval ({intervals.k})")
+    experts = []
+    for k, entry in enumerate(entries):
+        folder = path / str(entry.get("folder", ""))
+        if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
+            raise FlexdiffError(f"{man_file}: experts[{k}].folder {entry.get('folder')!r} is not a saved UNet folder")
+        SubnetSpec.from_dict(entry.get("spec") or {}, where=f"{man_file} experts[{k}].spec")
+        try:
+            model = cls.from_pretrained(folder, use_safetensors=True)
+        except Exception as e:  # diffusers raises many kinds for corrupt files
+            raise FlexdiffError(f"{folder}: cannot load the expert ({str(e).splitlines()[0] if str(e) else e})") from None
+        experts.append(model.eval().requires_grad_(False))
+    sched_file = path / "scheduler_config.json"
+    try:
+        sched = json.loads(sched_file.read_text()) if sched_file.exists() else None
+    except json.JSONDecodeError as e:
+        raise FlexdiffError(f"{sched_file}: not valid JSON ({e})") from None
+    return Mixture(experts, intervals, sched, man).eval().requires_grad_(False), man

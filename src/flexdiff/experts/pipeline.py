@@ -1,0 +1,335 @@
+"""`flexdiff experts`: the whole DiffPruning pipeline, in stages that run alone and resume.
+
+    out/intervals/                 similarity heat map, intervals.json               (stage "intervals")
+    out/elastic/expert_k/          elastic fine-tuning checkpoint, elastic.safetensors (stage "elastic")
+    out/budget-B/agent/            the routing agent: agent.pt, choice.json, agent.png (stage "agent")
+    out/budget-B/final/expert_k/   final fine-tuning checkpoints                       (stage "final")
+    out/budget-B/mixture/          the deployable mixture folder (experts + intervals + manifest)
+
+The budget-independent stages are shared by every budget. Each stage writes its settings
+beside its results and refuses to resume with other settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..cost import count_macs
+from ..errors import FlexdiffError
+from ..io import save_safetensors, write_json
+from ..models import LoadedModel
+from ..sampling import make_scheduler
+from ..schedule import SAMPLERS
+from .agent import AgentConfig, SpecSpace, check_budget, train_agent
+from .elastic import ElasticUNet, SubnetSpec
+from .finetune import IntervalBatches, TuneConfig, taylor_importance, tune_elastic, tune_static
+from .intervals import MEASURES, Intervals, find_intervals
+from .mixture import Mixture, save_mixture
+
+STAGES = ("intervals", "elastic", "agent", "final")
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    budget: float = 0.5  # fraction of the teacher's MACs for the whole sampling run
+    sampler: str = "ddim"  # the sampling run the budget is counted on (steps served per expert)
+    num_steps: int = 100
+    k: int | None = None  # number of intervals; None = the knee rule
+    k_max: int = 5
+    measure: str = "mean"
+    sim_timesteps: int = 20
+    sim_images: int = 128
+    importance_batches: int = 8
+    elastic_steps: int = 200
+    agent_steps: int = 150
+    final_steps: int = 400
+    batch_size: int = 64
+    lr: float = 5e-4
+    distill: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0 < self.budget <= 1:
+            raise FlexdiffError(f"--budget {self.budget}: give a fraction of the teacher's MACs in (0, 1]")
+        if self.sampler not in SAMPLERS:
+            raise FlexdiffError(f"--sampler {self.sampler!r}; accepted: {', '.join(SAMPLERS)}")
+        if self.measure not in MEASURES:
+            raise FlexdiffError(f"--measure {self.measure!r}; accepted: {', '.join(MEASURES)}")
+        for f in ("num_steps", "elastic_steps", "agent_steps", "final_steps", "batch_size", "sim_timesteps",
+                  "sim_images", "importance_batches", "k_max"):
+            if getattr(self, f) < 1:
+                raise FlexdiffError(f"--{f.replace('_', '-')} {getattr(self, f)}: must be at least 1")
+
+    def stage_settings(self, stage: str) -> dict:
+        """The settings a stage's result depends on (including those of the stages before it)."""
+        keys = dict(
+            intervals=("k", "k_max", "measure", "sim_timesteps", "sim_images", "seed"),
+            elastic=("importance_batches", "elastic_steps", "batch_size", "lr", "distill"),
+            agent=("budget", "sampler", "num_steps", "agent_steps"),
+            final=("final_steps",),
+        )
+        out = {}
+        for s in STAGES[:STAGES.index(stage) + 1]:
+            out.update({k: getattr(self, k) for k in keys[s]})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertsConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise FlexdiffError(f"unknown experts settings {sorted(unknown)}; accepted: {sorted(names)}")
+        return cls(**d)
+
+
+def _guard(folder: Path, settings: dict) -> None:
+    """Remember a stage's settings; refuse to resume a folder made with other ones."""
+    f = folder / "settings.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise FlexdiffError(f"{f}: this stage was run with other settings {diff} (old, new); "
+                                "use another --out folder or delete this stage's folder")
+    else:
+        write_json(f, settings)
+
+
+def _images(model: LoadedModel, images: torch.Tensor | None) -> torch.Tensor:
+    if images is not None:
+        return images
+    from ..data import load_digits_split
+
+    if model.unet.config.in_channels != 1 or model.unet.config.sample_size != 16:
+        raise FlexdiffError("this model is not the digits default: pass its training images (--data)")
+    return load_digits_split("train")[0]
+
+
+class ExpertsPipeline:
+    def __init__(self, model: LoadedModel, out_dir: Path, cfg: ExpertsConfig = ExpertsConfig(),
+                 images: torch.Tensor | None = None, progress=None):
+        if model.is_conditional:
+            raise FlexdiffError("flexdiff experts trains on images only: conditional UNets need their "
+                                "conditioning data, which this pipeline does not load")
+        if isinstance(model.unet, Mixture):
+            raise FlexdiffError(f"--model {model.path} is already a mixture; give the teacher UNet")
+        cfg.validate()
+        self.model, self.cfg, self.progress = model, cfg, progress
+        self.out = Path(out_dir)
+        self.images = _images(model, images)
+        self.teacher = model.unet.eval().requires_grad_(False)
+
+    # ---- paths
+    def budget_dir(self, budget: float | None = None) -> Path:
+        return self.out / f"budget-{(budget if budget is not None else self.cfg.budget):g}"
+
+    def mixture_dir(self, budget: float | None = None) -> Path:
+        return self.budget_dir(budget) / "mixture"
+
+    # ---- stage 1
+    def intervals(self) -> Intervals:
+        folder = self.out / "intervals"
+        folder.mkdir(parents=True, exist_ok=True)
+        _guard(folder, self.cfg.stage_settings("intervals"))
+        if (folder / "intervals.json").exists():
+            return Intervals.load(folder / "intervals.json")
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        imgs = self.images[torch.randperm(len(self.images), generator=g)[:self.cfg.sim_images]]
+        return find_intervals(self.teacher, imgs, self.model.scheduler_config, folder, self.cfg.sim_timesteps,
+                              self.cfg.measure, self.cfg.k, self.cfg.k_max, self.cfg.seed, self.progress)
+
+    def batches(self, lo: int, hi: int) -> IntervalBatches:
+        return IntervalBatches(self.images, self.model.scheduler_config, lo, hi, teacher=self.teacher)
+
+    def tune_config(self, steps: int, seed_offset: int) -> TuneConfig:
+        c = self.cfg
+        return TuneConfig(steps=steps, batch_size=c.batch_size, lr=c.lr, distill=c.distill, seed=c.seed + seed_offset)
+
+    # ---- stage 2
+    def elastic_experts(self) -> list[ElasticUNet]:
+        iv = self.intervals()
+        folder = self.out / "elastic"
+        folder.mkdir(parents=True, exist_ok=True)
+        _guard(folder, self.cfg.stage_settings("elastic"))
+        out = []
+        for k, (lo, hi) in enumerate(iv.bounds()):
+            d = folder / f"expert_{k}"
+            d.mkdir(exist_ok=True)
+            elastic = ElasticUNet(copy.deepcopy(self.teacher))
+            done = d / "elastic.safetensors"
+            if done.exists():
+                elastic.unet.load_state_dict(load_file(done))
+            else:
+                b = self.batches(lo, hi)
+                # re-order once from the teacher's own importance on this interval (deterministic, so a
+                # resumed run re-orders the same way before its checkpoint is loaded)
+                elastic.reorder(taylor_importance(elastic, b, self.cfg.importance_batches, self.cfg.batch_size,
+                                                  seed=self.cfg.seed + k))
+                summary = tune_elastic(elastic, b, d / "checkpoint.pt", self.tune_config(self.cfg.elastic_steps, k),
+                                       progress=self.progress, description=f"elastic expert {k} [{lo}, {hi}]")
+                write_json(d / "summary.json", summary)
+                save_safetensors(done, elastic.unet.state_dict())
+                (d / "checkpoint.pt").unlink(missing_ok=True)
+            out.append(elastic)
+        return out
+
+    def served(self, iv: Intervals) -> list[int]:
+        sched = make_scheduler(self.cfg.sampler, self.model.scheduler_config)
+        sched.set_timesteps(self.cfg.num_steps)
+        return iv.steps_served(sched.timesteps.tolist())
+
+    def spec_space(self, elastic: ElasticUNet) -> SpecSpace:
+        return SpecSpace(elastic, lambda spec: count_macs(elastic.template(spec)))
+
+    # ---- stage 3
+    def agent(self, budget: float | None = None) -> dict:
+        budget = self.cfg.budget if budget is None else budget
+        cfg = self.cfg if budget == self.cfg.budget else ExpertsConfig(**{**asdict(self.cfg), "budget": budget})
+        iv = self.intervals()
+        served = self.served(iv)
+        elastics = self.elastic_experts() if not self._agent_done(budget) else None
+        folder = self.budget_dir(budget) / "agent"
+        folder.mkdir(parents=True, exist_ok=True)
+        _guard(folder, cfg.stage_settings("agent"))
+        if self._agent_done(budget):
+            return json.loads((folder / "choice.json").read_text())
+        space = self.spec_space(elastics[0])
+        batches = [self.batches(lo, hi) for lo, hi in iv.bounds()]
+        acfg = AgentConfig(steps=self.cfg.agent_steps, batch_size=self.cfg.batch_size, distill=self.cfg.distill,
+                           seed=self.cfg.seed)
+        result = train_agent(elastics, batches, space, served, budget, folder, acfg, self.progress)
+        (folder / "agent.pt").unlink(missing_ok=True)
+        return result
+
+    def _agent_done(self, budget: float) -> bool:
+        return (self.budget_dir(budget) / "agent" / "choice.json").exists()
+
+    def check_budget(self, budget: float | None = None) -> None:
+        """Refuse an impossible budget before any training (uses only the model's shape)."""
+        budget = self.cfg.budget if budget is None else budget
+        iv_file = self.out / "intervals" / "intervals.json"
+        served = self.served(Intervals.load(iv_file)) if iv_file.exists() else [self.cfg.num_steps]
+        check_budget(self.spec_space(ElasticUNet(copy.deepcopy(self.teacher))), served, budget,
+                     count_macs(self.teacher) * sum(served))
+
+    # ---- stage 4
+    def final(self, budget: float | None = None, specs: list[SubnetSpec] | None = None,
+              name: str = "mixture", info: dict | None = None) -> Path:
+        """Extract the chosen sub-networks, fine-tune each on its interval, save the mixture folder."""
+        budget = self.cfg.budget if budget is None else budget
+        cfg = self.cfg if budget == self.cfg.budget else ExpertsConfig(**{**asdict(self.cfg), "budget": budget})
+        target = self.budget_dir(budget) / name
+        if (target / "mixture.json").exists():
+            return target
+        iv = self.intervals()
+        choice = self.agent(budget)
+        if specs is None:
+            specs = [SubnetSpec.from_dict(e["spec"]) for e in choice["experts"]]
+        elastics = self.elastic_experts()
+        folder = self.budget_dir(budget) / ("final" if name == "mixture" else f"final-{name}")
+        folder.mkdir(parents=True, exist_ok=True)
+        _guard(folder, {**cfg.stage_settings("final"), "specs": [s.to_dict() for s in specs]})
+        experts = []
+        for k, ((lo, hi), spec, elastic) in enumerate(zip(iv.bounds(), specs, elastics)):
+            d = folder / f"expert_{k}"
+            d.mkdir(exist_ok=True)
+            model = elastic.extract(spec)
+            summary = tune_static(model, self.batches(lo, hi), d / "checkpoint.pt",
+                                  self.tune_config(self.cfg.final_steps, 100 + k), self.progress,
+                                  f"{name} expert {k} [{lo}, {hi}]")
+            write_json(d / "summary.json", summary)
+            experts.append(model)
+        served = self.served(iv)
+        teacher_call = count_macs(self.teacher)
+        calls = [count_macs(m) for m in experts]
+        run = sum(c * s for c, s in zip(calls, served))
+        info = dict(budget=budget, sampler=self.cfg.sampler, num_steps=self.cfg.num_steps, steps_served=served,
+                    macs_per_call=calls, teacher_macs_per_call=teacher_call,
+                    fraction_of_teacher=run / (teacher_call * sum(served)), settings=asdict(cfg), **(info or {}))
+        save_mixture(experts, iv, specs, self.model.scheduler_config, target, info)
+        for k in range(len(experts)):
+            (folder / f"expert_{k}" / "checkpoint.pt").unlink(missing_ok=True)
+        return target
+
+    def run(self, stages: tuple[str, ...] = STAGES) -> Path | None:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise FlexdiffError(f"unknown stage {unknown[0]!r}; accepted: {', '.join(STAGES)}")
+        self.check_budget()
+        write_json(self.out / "experts_config.json", asdict(self.cfg))
+        for s in stages:
+            if s == "intervals":
+                self.intervals()
+            elif s == "elastic":
+                self.elastic_experts()
+            elif s == "agent":
+                self.agent()
+            elif s == "final":
+                return self.final()
+        return None
+
+    # ---- baselines for the bench
+    def uniform_specs(self, elastic: ElasticUNet, run_macs: float, served: list[int]) -> SubnetSpec:
+        """One width fraction for every cut stage (full depth), with the run's MACs closest to `run_macs`.
+
+        The sub-networks come in discrete sizes, so the baseline may get slightly more or less than
+        the mixture; the bench reports every method's own MACs.
+        """
+        best = None
+        for spec in elastic.all_specs():
+            cut = [i for i in range(len(spec.widths)) if len(elastic.width_choices(i)) > 1]
+            if len({round(spec.widths[i] / elastic.full.widths[i], 6) for i in cut}) > 1 or spec.depths != elastic.full.depths:
+                continue
+            m = count_macs(elastic.template(spec)) * sum(served)
+            key = (abs(m - run_macs), m)
+            if best is None or key < best[0]:
+                best = (key, spec)
+        if best is None:
+            raise FlexdiffError(f"no uniform-width sub-network for {run_macs / 1e6:,.0f} M MACs per run")
+        return best[1]
+
+    def uniform_experts(self, budget: float | None = None) -> Path:
+        """The experts without the agent: the same width everywhere, at (at most) the mixture's MACs."""
+        budget = self.cfg.budget if budget is None else budget
+        mix = json.loads((self.final(budget) / "mixture.json").read_text())
+        served = mix["steps_served"]
+        run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
+        elastic = self.elastic_experts()[0]
+        spec = self.uniform_specs(elastic, run, served)
+        return self.final(budget, [spec] * len(served), name="uniform", info=dict(baseline="uniform width"))
+
+    def pruned_baseline(self, budget: float | None = None) -> Path:
+        """Diff-Pruning-style: one model for all timesteps, Taylor channel importance, same MACs, same steps."""
+        budget = self.cfg.budget if budget is None else budget
+        target = self.budget_dir(budget) / "pruned"
+        if (target / "pruning.json").exists():  # written last: the folder is complete
+            return target
+        mix = json.loads((self.final(budget) / "mixture.json").read_text())
+        served = mix["steps_served"]
+        run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
+        T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
+        elastic = ElasticUNet(copy.deepcopy(self.teacher))
+        all_t = self.batches(0, T - 1)
+        elastic.reorder(taylor_importance(elastic, all_t, self.cfg.importance_batches, self.cfg.batch_size,
+                                          seed=self.cfg.seed))
+        spec = self.uniform_specs(elastic, run, served)
+        model = elastic.extract(spec)
+        steps = len(served) * (self.cfg.elastic_steps + self.cfg.final_steps)  # the experts' total
+        folder = self.budget_dir(budget) / "pruned-training"
+        folder.mkdir(parents=True, exist_ok=True)
+        _guard(folder, {**self.cfg.stage_settings("final"), "spec": spec.to_dict(), "steps": steps})
+        summary = tune_static(model, all_t, folder / "checkpoint.pt", self.tune_config(steps, 1000), self.progress,
+                              "Diff-Pruning baseline")
+        from ..models import save_model
+
+        save_model(model, self.model.scheduler_config, target)
+        write_json(target / "pruning.json", dict(spec=spec.to_dict(), steps=steps, summary=summary,
+                                                  macs_per_call=count_macs(model)))
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        return target
