@@ -40,3 +40,28 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
     strip = lambda res: [(r["method"], r["metrics"]) for r in res["rows"]]
     assert strip(again) == strip(result)
     assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]["resumed"] is True
+
+
+def test_bench_builds_mixtures_with_their_baselines(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    small = (("k", 2), ("sim_timesteps", 6), ("sim_images", 8), ("importance_batches", 1), ("elastic_steps", 1),
+             ("agent_steps", 1), ("final_steps", 1), ("batch_size", 4))
+    cfg = replace(CFG, search_budgets=(), ddim_steps=(), dpm_steps=(), deepcache_branches=(), deepcache_nonuniform=(),
+                  expert_budgets=(0.8,), expert_settings=small, mixture_deepcache=2)
+    model = load_model(tiny_model_dir)
+    meter = QualityMeter.for_model((1, 16, 16), n_boot=10)
+    result = run_bench(model, cfg, tmp_path / "b", meter)
+    fam = [r["family"] for r in result["rows"]]
+    assert fam == ["teacher", "experts", "experts+schedule", "experts-uniform", "diff-pruning"]
+    rows = {r["family"]: r for r in result["rows"]}
+    assert rows["experts"]["macs_per_image"] <= 0.8 * rows["teacher"]["macs_per_image"] + 1e-6
+    assert rows["experts+schedule"]["macs_per_image"] < rows["experts"]["macs_per_image"]
+    assert [c["baseline"] for c in result["mixture_vs_baselines"]] == [rows["experts-uniform"]["method"],
+                                                                      rows["diff-pruning"]["method"]]
+    assert "Mixtures against their baselines" in (tmp_path / "b" / "bench.md").read_text()
+    # a pre-built mixture folder joins the table the same way
+    folder = tmp_path / "b" / "experts" / "budget-0.8" / "mixture"
+    again = run_bench(model, replace(cfg, expert_budgets=(), mixtures=(str(folder),)), tmp_path / "c", meter)
+    assert [r["family"] for r in again["rows"]] == ["teacher", "experts", "experts+schedule"]
+    assert again["rows"][1]["metrics"] == rows["experts"]["metrics"]

@@ -71,6 +71,7 @@ class BenchConfig:
     mixtures: tuple[str, ...] = ()
     expert_budgets: tuple[float, ...] = ()
     mixture_deepcache: int = 3  # also run each mixture with DeepCache 1:N at branch 0 (0 = no)
+    expert_settings: tuple[tuple[str, object], ...] = ()  # ExpertsConfig fields to change, as (name, value)
 
     def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = ()) -> list[Method]:
         t = self.teacher_steps
@@ -162,7 +163,8 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
         label = "mixture of experts (shipped)" if name == "default" else f"mixture {path.name}"
         out += with_schedule(label, path)
     for budget in cfg.expert_budgets:
-        pipe = ExpertsPipeline(model, out_dir / "experts", ExpertsConfig(budget=budget, num_steps=t), progress=progress)
+        ecfg = ExpertsConfig.from_dict({**dict(cfg.expert_settings), "budget": budget, "num_steps": t})
+        pipe = ExpertsPipeline(model, out_dir / "experts", ecfg, progress=progress)
         out += with_schedule(f"mixture of experts ≤{budget:g}", pipe.final(budget))
         out.append(Method(f"uniform-width experts ≈{budget:g} (DDIM-{t})", "experts-uniform", full,
                           str(pipe.uniform_experts(budget))))
@@ -182,11 +184,17 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress)
     methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress)
     models = {None: (model, costs, _model_fingerprint(model))}
+    unique, seen = [], set()
     for m in methods:
         if m.model not in models:
             other = load_model(m.model)
             models[m.model] = (other, measure_step_costs(other.unet), _model_fingerprint(other))
         m.schedule.check_fits(len(models[m.model][1].partial))
+        key = (models[m.model][2], json.dumps(m.schedule.to_dict()["steps"]), m.schedule.sampler)
+        if key not in seen:  # e.g. a baseline that came out the same at two budgets: one row
+            seen.add(key)
+            unique.append(m)
+    methods = unique
     c = model.unet.config
     noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
     fp = models[None][2]
@@ -208,12 +216,14 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
         if task is not None:
             progress.update(task, advance=1)
 
+    feats_by_name = {}
     teacher_feats = meter.features(runs[0][1])
     teacher_macs = costs.schedule_macs(runs[0][0].schedule)
     teacher_sec = runs[0][2]
     rows = []
     for m, images, seconds, resumed in runs:
         feats = teacher_feats if m.family == "teacher" else meter.features(images)
+        feats_by_name[m.name] = feats
         metrics = meter.report(feats, None if m.family == "teacher" else teacher_feats)
         macs = models[m.model][1].schedule_macs(m.schedule)
         rows.append(dict(
@@ -226,6 +236,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
         ))
     result = dict(
         config=dict(cfg.__dict__), model=str(model.path), model_fingerprint=fp,
+        mixture_vs_baselines=_mixture_comparisons(runs, feats_by_name, meter),
         feature_space=meter.name, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
         rows=rows,
     )
@@ -234,6 +245,18 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     plot_bench(result, out_dir / "bench.png")
     save_comparison_grid(runs, out_dir / "samples.png")
     return result
+
+
+def _mixture_comparisons(runs, feats_by_name: dict, meter: QualityMeter) -> list[dict]:
+    """Each mixture (alone, on the teacher's sampler) against each baseline, paired on the same noise."""
+    from .metrics.fid import paired_fid_difference
+
+    mixtures = [m for m, *_ in runs if m.family == "experts"]
+    baselines = [m for m, *_ in runs if m.family in ("experts-uniform", "diff-pruning")]
+    return [dict(mixture=a.name, baseline=b.name,
+                 fid_difference=paired_fid_difference(feats_by_name[a.name], feats_by_name[b.name],
+                                                      meter.reference, meter.n_boot).to_dict())
+            for a in mixtures for b in baselines]
 
 
 def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
@@ -261,6 +284,11 @@ def markdown_table(result: dict) -> str:
             f"| {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} | {_est(m.get('kid'), 2, 1e3)} "
             f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
         )
+    if result.get("mixture_vs_baselines"):
+        lines += ["", "Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
+                  "| mixture | baseline | FID(mixture) − FID(baseline) |", "|---|---|---|"]
+        lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['fid_difference'])} |"
+                  for c in result["mixture_vs_baselines"]]
     searched = [r for r in result["rows"] if r.get("search_seconds") is not None]
     if searched:
         lines += ["", "Search wall time (on top of sampling the table): " + "; ".join(

@@ -409,6 +409,13 @@ def search(
     )
     for f in result.front:
         console.print(f"  front: {f.describe()}  {metric} {f.meta['fitness']:.3f}  {f.meta['speedup_macs']:.2f}x")
+    man = getattr(loaded.unet, "manifest", None)
+    if man:  # searching over a mixture: its own DDIM run is the teacher; say what that means for the original
+        teacher_steps = cfg.teacher_steps
+        original = man["teacher_macs_per_call"] * teacher_steps
+        console.print(f"(the teacher here is the mixture itself with DDIM-{teacher_steps}; against the original "
+                      f"model's DDIM-{teacher_steps} this schedule is {original / b.meta['macs_per_image']:.1f}x cheaper)",
+                      markup=False, highlight=False)
 
 
 @app.command("proxy-study")

@@ -114,7 +114,8 @@ def sample(
 
     The hooks are attached for the call and removed afterwards, so `unet` is unchanged.
     """
-    if isinstance(unet, UNet2DConditionModel) and cond is None:
+    first = unet.experts[0] if hasattr(unet, "experts") else unet  # a mixture: its experts' class
+    if isinstance(first, UNet2DConditionModel) and cond is None:
         raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
     set_timesteps(scheduler, schedule)

@@ -5,11 +5,14 @@ the depth). Training samples sub-networks with the straight-through Gumbel-softm
 2017) and scores them on the expert's denoising + distillation loss; the gradient of
     sum_s  y_s * (L_s - mean_s' L_s')            (y_s: the relaxed one-hot weight of sample s)
 moves probability towards the sub-networks that denoise better than their siblings on the same
-batch. A budget loss on the *expected* MACs of a whole sampling run,
-    (log(E[MACs] / budget))^2,   E[MACs] = sum_e (steps served by e) * E_{p_e}[MACs(spec)],
-is exact and differentiable (the MACs of every spec are counted once). The agent, not a
-hand-set ratio, decides how the budget is split between experts. The final choice is the most
-probable joint setting that fits the budget (dynamic programming over the experts).
+batch; each expert's term is weighted by the steps it serves, so the agent minimises the loss of
+a whole sampling run. The budget loss is on the *expected* MACs of that run,
+    E[MACs] = sum_e (steps served by e) * E_{p_e}[MACs(spec)],
+exact and differentiable (every spec's MACs are counted once):
+    lambda * log(E[MACs] / budget) + w * log(E[MACs] / budget)^2,
+with lambda raised by dual ascent while over the budget. The agent, not a hand-set ratio,
+decides how the budget is split between experts. The final choice is the most probable joint
+setting that fits the budget (dynamic programming over the experts).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ class AgentConfig:
     steps: int = 200
     samples: int = 4  # sub-networks scored per expert and step (on the same batch)
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.01
     budget_weight: float = 4.0
+    dual_lr: float = 0.5
+    entropy: float = 0.1  # exploration bonus, annealed to zero over training
     tau_start: float = 2.0
     tau_end: float = 0.3
     distill: float = 1.0
@@ -163,7 +168,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
     opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     history, start, elapsed = [], 0, 0.0
-    scale = [None] * len(elastics)
+    scale, multiplier = None, 0.0
     ckpt = out_dir / "agent.pt"
     if ckpt.exists():
         ck = torch.load(ckpt, weights_only=True)
@@ -173,13 +178,14 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
         opt.load_state_dict(ck["optimizer"])
         gen.set_state(ck["generator"])
         history, start, elapsed, scale = ck["history"], ck["step"], ck["elapsed"], ck["scale"]
+        multiplier = ck["multiplier"]
     task = progress.add_task("routing agent", total=cfg.steps, completed=start) if progress else None
     t0 = time.perf_counter() - elapsed
     for step in range(start, cfg.steps):
         tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
         logits = agent.logits()
         quality = torch.zeros((), dtype=torch.float64)
-        mean_losses = []
+        mean_losses, advs = [], []
         for e, (elastic, b) in enumerate(zip(elastics, batches)):
             xt, t, noise, target_eps = b.draw(cfg.batch_size, gen)
             ys, losses = [], []
@@ -194,26 +200,37 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
                 ys.append(y)
                 losses.append(loss)
             adv = torch.tensor(losses) - sum(losses) / len(losses)  # the siblings on the same batch are the baseline
-            s = float(adv.abs().mean()) + 1e-12
-            scale[e] = s if scale[e] is None else 0.9 * scale[e] + 0.1 * s
-            quality = quality + (served[e] / sum(served)) * sum(y * a for y, a in zip(ys, adv)) / (len(ys) * scale[e])
+            advs.append(adv)
+            quality = quality + (served[e] / sum(served)) * sum(y * a for y, a in zip(ys, adv)) / len(ys)
             mean_losses.append(sum(losses) / len(losses))
+        # one scale for all experts (a running mean of |advantage|): it keeps the step size steady without
+        # erasing how much more one interval's loss depends on width than another's
+        s = float(torch.cat(advs).abs().mean()) + 1e-12
+        scale = s if scale is None else 0.9 * scale + 0.1 * s
+        quality = quality / scale
         probs = [[F.softmax(lg, dim=-1) for lg in lgs] for lgs in logits]
         expected = sum(weights[e] * space.expected_macs(probs[e]) for e in range(len(elastics)))
-        budget_loss = torch.log(expected / target) ** 2
-        loss = quality + cfg.budget_weight * budget_loss
+        over = torch.log(expected / target)
+        # budget loss: a multiplier raised by dual ascent while the expected cost is over the budget
+        # (lowered while under), plus a quadratic term; the cost settles on the budget whatever the
+        # scale of the quality signal
+        budget_loss = multiplier * over + cfg.budget_weight * over ** 2
+        entropy = -sum((p * torch.log(p + 1e-12)).sum() for ps in probs for p in ps)
+        loss = quality + budget_loss - cfg.entropy * (1 - step / max(1, cfg.steps)) * entropy
+        multiplier = max(0.0, multiplier + cfg.dual_lr * float(over.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(dict(step=step + 1, expected_fraction=float(expected.detach() / teacher_run), tau=tau,
-                            losses=mean_losses))
+                            multiplier=multiplier, losses=mean_losses))
         elapsed = time.perf_counter() - t0
         if task is not None:
             progress.update(task, advance=1,
                             description=f"routing agent E[MACs] {history[-1]['expected_fraction']:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             torch_save(ckpt, dict(agent=agent.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
-                                  history=history, step=step + 1, elapsed=elapsed, scale=scale, budget=budget,
+                                  history=history, step=step + 1, elapsed=elapsed, scale=scale, multiplier=multiplier,
+                                  budget=budget,
                                   served=list(served), config=asdict(cfg)))
     if task is not None:
         progress.remove_task(task)

@@ -294,7 +294,7 @@ class ElasticUNet(torch.nn.Module):
                 yield SubnetSpec(tuple(ws), tuple(ds))
 
     # ---- slicing
-    def _keep(self, spec: SubnetSpec, template) -> dict:
+    def _keep(self, spec: SubnetSpec) -> dict:
         """Indices kept in every space: the first w/G channels of each group; a prefix of attention heads."""
         keep = {}
         for i, (w, c) in enumerate(zip(spec.widths, self.full.widths)):
@@ -306,7 +306,7 @@ class ElasticUNet(torch.nn.Module):
         if spec not in self._plans:
             self.validate(spec)
             template = self.template(spec)
-            keep = self._keep(spec, template)
+            keep = self._keep(spec)
             sub_params = dict(template.named_parameters())
             rows = []
             for sub, full, dims in _Walker(self.unet, spec).walk().rows:

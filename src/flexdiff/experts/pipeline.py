@@ -124,6 +124,7 @@ class ExpertsPipeline:
         self.out = Path(out_dir)
         self.images = _images(model, images)
         self.teacher = model.unet.eval().requires_grad_(False)
+        self._macs: dict[SubnetSpec, float] = {}
 
     # ---- paths
     def budget_dir(self, budget: float | None = None) -> Path:
@@ -184,8 +185,14 @@ class ExpertsPipeline:
         sched.set_timesteps(self.cfg.num_steps)
         return iv.steps_served(sched.timesteps.tolist())
 
+    def spec_macs(self, elastic: ElasticUNet, spec: SubnetSpec) -> float:
+        """MACs of one call of a sub-network (counted once per spec: they do not depend on the weights)."""
+        if spec not in self._macs:
+            self._macs[spec] = count_macs(elastic.template(spec))
+        return self._macs[spec]
+
     def spec_space(self, elastic: ElasticUNet) -> SpecSpace:
-        return SpecSpace(elastic, lambda spec: count_macs(elastic.template(spec)))
+        return SpecSpace(elastic, lambda spec: self.spec_macs(elastic, spec))
 
     # ---- stage 3
     def agent(self, budget: float | None = None) -> dict:
@@ -286,7 +293,7 @@ class ExpertsPipeline:
             cut = [i for i in range(len(spec.widths)) if len(elastic.width_choices(i)) > 1]
             if len({round(spec.widths[i] / elastic.full.widths[i], 6) for i in cut}) > 1 or spec.depths != elastic.full.depths:
                 continue
-            m = count_macs(elastic.template(spec)) * sum(served)
+            m = self.spec_macs(elastic, spec) * sum(served)
             key = (abs(m - run_macs), m)
             if best is None or key < best[0]:
                 best = (key, spec)

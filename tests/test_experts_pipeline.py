@@ -1,0 +1,82 @@
+"""The `flexdiff experts` pipeline end to end on the shipped default model (tiny settings), and its CLI."""
+
+import json
+
+import pytest
+import torch
+
+from flexdiff.errors import FlexdiffError
+from flexdiff.experts.mixture import Mixture
+from flexdiff.experts.pipeline import ExpertsConfig, ExpertsPipeline
+from flexdiff.models import default_mixture_dir, load_model
+from flexdiff.sampling import initial_noise, sample
+from flexdiff.schedule import Schedule
+
+from test_cli import assert_user_error, run  # noqa: E402
+
+SMALL = dict(k=2, sim_timesteps=6, sim_images=16, importance_batches=1, elastic_steps=2, agent_steps=2,
+             final_steps=2, batch_size=8, budget=0.6, num_steps=20)
+
+
+def test_small_pipeline_on_the_default_model_stage_by_stage(tmp_path):
+    model = load_model()
+    pipe = ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**SMALL))
+    assert pipe.run(("intervals",)) is None
+    iv = json.loads((tmp_path / "exp" / "intervals" / "intervals.json").read_text())
+    assert len(iv["starts"]) == 2 and (tmp_path / "exp" / "intervals" / "similarity.png").exists()
+    assert pipe.run(("intervals", "elastic")) is None
+    assert len(list((tmp_path / "exp" / "elastic").glob("expert_*/elastic.safetensors"))) == 2
+    out = pipe.run()
+    man = json.loads((out / "mixture.json").read_text())
+    assert man["fraction_of_teacher"] <= 0.6 + 1e-9
+    assert sum(man["steps_served"]) == 20
+    mix = load_model(out)
+    assert isinstance(mix.unet, Mixture) and len(mix.unet.experts) == 2
+    imgs = sample(mix.unet, mix.scheduler_config, Schedule.full("ddim", 20), initial_noise(2, (1, 16, 16), 0)).images
+    assert imgs.shape == (2, 1, 16, 16) and torch.isfinite(imgs).all()
+    # a second run finds every stage done and returns the same folder
+    assert ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**SMALL)).run() == out
+    # the baselines: same-width experts and one pruned model, each at about the mixture's MACs
+    uni = load_model(pipe.uniform_experts())
+    specs = {json.dumps(e["spec"]) for e in uni.unet.manifest["experts"]}
+    assert len(specs) == 1
+    pruned = pipe.pruned_baseline()
+    info = json.loads((pruned / "pruning.json").read_text())
+    assert info["steps"] == 2 * (2 + 2)  # the experts' total fine-tuning steps
+    assert not isinstance(load_model(pruned).unet, Mixture)
+
+
+def test_stage_folders_refuse_other_settings(tmp_path):
+    model = load_model()
+    ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**SMALL)).run(("intervals",))
+    other = ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**{**SMALL, "k": 3}))
+    with pytest.raises(FlexdiffError, match="other settings"):
+        other.run(("intervals",))
+
+
+def test_shipped_mixture_loads_and_is_cheaper_than_the_teacher():
+    mix = load_model(default_mixture_dir())
+    man = mix.unet.manifest
+    assert man["fraction_of_teacher"] <= man["budget"] + 1e-9
+    assert [e["interval"] for e in man["experts"]] == [list(b) for b in mix.unet.intervals.bounds()]
+
+
+def test_cli_refuses_an_impossible_budget_before_training(tmp_path):
+    code, out = run("experts", "--out", tmp_path / "e", "--budget", "0.2")
+    assert_user_error(code, out, "--budget 0.2", "cannot be met")
+    assert not (tmp_path / "e" / "elastic").exists()
+
+
+def test_cli_bad_stage_and_measure(tmp_path):
+    code, out = run("experts", "--out", tmp_path / "e", "--stage", "prune")
+    assert_user_error(code, out, "--stage 'prune'", "intervals, elastic, agent, final")
+    code, out = run("intervals", "--out", tmp_path / "i", "--measure", "l2")
+    assert_user_error(code, out, "--measure 'l2'", "grad, cka, mean")
+    code, out = run("experts", "--out", tmp_path / "e", "--budget", "1.5")
+    assert_user_error(code, out, "--budget 1.5")
+
+
+def test_cli_intervals_on_the_default(tmp_path):
+    code, out = run("intervals", "--out", tmp_path / "i", "--timesteps", "6", "--images", "8", "--k", "2")
+    assert code == 0, out
+    assert "2 intervals" in out and (tmp_path / "i" / "intervals.json").exists()
