@@ -232,3 +232,16 @@ def test_partial_steps_use_the_expert_of_the_last_full_step(sched_cfg):
     assert isinstance(costs, MixtureStepCosts)
     per = [c.step_macs(s.kind, s.branch) for c, s in zip([costs.experts[k] for k in want], sched.steps)]
     assert costs.schedule_macs(sched) == pytest.approx(sum(per))
+
+
+def test_a_diffusers_pipeline_samples_with_a_mixture(sched_cfg):
+    from diffusers import DDIMPipeline
+
+    mix, _ = _tiny_mixture(sched_cfg)
+    pipe = DDIMPipeline(unet=mix, scheduler=make_scheduler("ddim", sched_cfg))
+    ref = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=7, eta=0.0,
+               output_type="np").images
+    noise = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(1))
+    ours = sample(mix, sched_cfg, Schedule.full("ddim", 7), noise).images
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(ours - ref).max() <= 1e-5

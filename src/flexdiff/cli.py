@@ -485,15 +485,16 @@ def intervals_cmd(
     """Timestep similarity (gradient cosine and activation CKA), heat map, and contiguous intervals."""
     import torch
 
+    from .engine import is_mixture
     from .experts.intervals import find_intervals
-    from .experts.pipeline import _images
+    from .experts.pipeline import training_images
     from .models import load_model
 
     _threads(threads)
     loaded = load_model(model)
-    if getattr(loaded.unet, "experts", None) is not None:
+    if is_mixture(loaded.unet):
         raise FlexdiffError(f"--model {loaded.path} is a mixture; give the teacher UNet")
-    imgs = _images(loaded, _training_images(data, loaded))
+    imgs = training_images(loaded, _training_images(data, loaded))
     g = torch.Generator().manual_seed(seed)
     imgs = imgs[torch.randperm(len(imgs), generator=g)[:images]]
     with progress_bar() as progress:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .engine import StepEngine
+from .engine import StepEngine, is_mixture
 from .models import UNet, UNet2DConditionModel
 from .schedule import FULL, Schedule, StepKind, partial
 
@@ -66,7 +67,7 @@ class MixtureStepCosts:
     """
 
     experts: tuple[StepCosts, ...]
-    starts: tuple[int, ...]  # interval starts (the mixture's routing)
+    intervals: Any  # the mixture's flexdiff.experts.Intervals (its routing)
     scheduler_config: tuple  # sorted items, so the dataclass stays hashable
 
     @property
@@ -82,20 +83,17 @@ class MixtureStepCosts:
     def guidance_factor(self) -> int:
         return self.experts[0].guidance_factor
 
-    def _expert(self, t: float) -> int:
-        return max(i for i, s in enumerate(self.starts) if s <= t) if t >= self.starts[0] else 0
-
     def schedule_macs(self, schedule: Schedule) -> float:
         timesteps = _schedule_timesteps(schedule, dict(self.scheduler_config))
         total, expert = 0.0, 0
         for step, t in zip(schedule.steps, timesteps):
             if step.kind is StepKind.FULL:
-                expert = self._expert(float(t))
+                expert = self.intervals.index(float(t))
             total += self.experts[expert].step_macs(step.kind, step.branch)
         return total
 
     def to_dict(self) -> dict:
-        return dict(experts=[c.to_dict() for c in self.experts], starts=list(self.starts))
+        return dict(experts=[c.to_dict() for c in self.experts], starts=list(self.intervals.starts))
 
 
 _TIMESTEPS: dict = {}
@@ -118,16 +116,11 @@ def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: 
 
     For a mixture of experts, per expert (a `MixtureStepCosts`).
     """
-    if hasattr(unet, "experts") and hasattr(unet, "route"):
+    if is_mixture(unet):
         per = tuple(measure_step_costs(e, guidance, cross_attention_len) for e in unet.experts)
         cfg = {k: v for k, v in unet.scheduler_config.items() if not k.startswith("_") and not isinstance(v, list)}
-        return MixtureStepCosts(per, tuple(unet.intervals.starts), tuple(sorted(cfg.items())))
-    cfg = unet.config
-    x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    t = torch.tensor([500])
-    kwargs = {}
-    if isinstance(unet, UNet2DConditionModel):
-        kwargs["encoder_hidden_states"] = torch.zeros(1, cross_attention_len, cfg.cross_attention_dim)
+        return MixtureStepCosts(per, unet.intervals, tuple(sorted(cfg.items())))
+    x, t, kwargs = _example_inputs(unet, cross_attention_len)
     engine = StepEngine(unet, Schedule("ddim", (FULL,)))
     branches = engine.anatomy.num_branches
     engine.set_schedule(Schedule("ddim", (FULL,) + tuple(partial(b) for b in range(branches))))

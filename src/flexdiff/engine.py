@@ -92,9 +92,14 @@ def anatomy(unet: torch.nn.Module) -> UNetAnatomy:
     return UNetAnatomy(units=units, blocks=blocks, num_branches=num_branches)
 
 
+def is_mixture(model: torch.nn.Module) -> bool:
+    """A mixture of experts (flexdiff.experts.Mixture): experts plus a timestep router."""
+    return hasattr(model, "experts") and hasattr(model, "route")
+
+
 def _experts(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The UNets behind `unet`: itself, or every expert of a mixture (flexdiff.experts.Mixture)."""
-    return list(unet.experts) if hasattr(unet, "experts") and hasattr(unet, "route") else [unet]
+    """The UNets behind `unet`: itself, or every expert of a mixture."""
+    return list(unet.experts) if is_mixture(unet) else [unet]
 
 
 @dataclass
@@ -182,7 +187,7 @@ class StepEngine:
 
     @property
     def is_mixture(self) -> bool:
-        return hasattr(self.unet, "experts") and hasattr(self.unet, "route")
+        return is_mixture(self.unet)
 
     @property
     def attached(self) -> bool:

@@ -26,6 +26,17 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def read_json(path: Path, what: str = "") -> Any:
+    """Parse a JSON file; a broken one is answered with its path (and what it should hold)."""
+    from .errors import FlexdiffError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FlexdiffError(f"{path}: {what + ' is ' if what else ''}not valid JSON ({e})") from None
+
+
 def write_text(path: Path, text: str) -> Path:
     return _atomic(path, lambda p: p.write_text(text))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from .errors import FlexdiffError
+from .io import read_json
 
 UNet = UNet2DModel | UNet2DConditionModel
 
@@ -60,15 +60,10 @@ class LoadedModel:
 
     @property
     def is_conditional(self) -> bool:
-        experts = getattr(self.unet, "experts", None)  # a mixture: its experts' class
-        return isinstance(experts[0] if experts is not None else self.unet, UNet2DConditionModel)
+        from .engine import is_mixture
 
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FlexdiffError(f"{path}: {what} is not valid JSON ({e})") from None
+        first = self.unet.experts[0] if is_mixture(self.unet) else self.unet  # a mixture: its experts' class
+        return isinstance(first, UNet2DConditionModel)
 
 
 def load_model(path: Path | str | None = None) -> LoadedModel:
@@ -97,7 +92,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
             f"--model {path}: not a diffusers model folder (no config.json"
             f"{' in unet/' if unet_dir != path else ''} and no model_index.json)"
         )
-    config = _read_json(config_file, "the UNet config")
+    config = read_json(config_file, "the UNet config")
     cls_name = config.get("_class_name")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     if cls_name not in classes:
@@ -119,7 +114,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
         raise FlexdiffError(f"--model {path}: cannot load the weights ({msg})") from None
     unet.eval().requires_grad_(False)
     sched = (
-        _read_json(sched_file, "the scheduler config")
+        read_json(sched_file, "the scheduler config")
         if sched_file.exists()
         else dict(DEFAULT_SCHEDULER_CONFIG)
     )

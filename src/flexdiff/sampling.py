@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from .engine import StepEngine
+from .engine import StepEngine, is_mixture
 from .errors import FlexdiffError
 from .models import UNet, UNet2DConditionModel
 from .schedule import SAMPLERS, Schedule
@@ -114,7 +114,7 @@ def sample(
 
     The hooks are attached for the call and removed afterwards, so `unet` is unchanged.
     """
-    first = unet.experts[0] if hasattr(unet, "experts") else unet  # a mixture: its experts' class
+    first = unet.experts[0] if is_mixture(unet) else unet  # a mixture: its experts' class
     if isinstance(first, UNet2DConditionModel) and cond is None:
         raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
     scheduler = make_scheduler(schedule.sampler, scheduler_config)

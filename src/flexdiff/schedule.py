@@ -6,13 +6,12 @@ is partial; *where* the network is cut (which blocks a branch skips) lives in `f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 from .errors import FlexdiffError
-from .io import write_json
+from .io import read_json, write_json
 
 SAMPLERS = ("ddim", "dpmsolver++", "euler")
 SCHEDULE_FORMAT = 1
@@ -184,11 +183,7 @@ class Schedule:
         path = Path(path)
         if not path.is_file():
             raise FlexdiffError(f"--schedule {path}: no such file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise FlexdiffError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_json(path), where=str(path))
 
     # --- common schedules ---------------------------------------------------------------
     @classmethod

@@ -29,12 +29,16 @@ class TrainConfig:
     checkpoint_every: int = 250
 
 
+def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `floor` x peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=0.1)
 
 
 def train(

@@ -9,7 +9,6 @@ the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from diffusers import DDPMScheduler
 
 from ..errors import FlexdiffError
 from ..io import torch_save
+from ..train import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,7 @@ class TuneConfig:
 
 def lr_at(step: int, cfg: TuneConfig) -> float:
     """Linear warm-up, then cosine decay to zero."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=0.0)
 
 
 class IntervalBatches:

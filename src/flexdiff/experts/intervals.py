@@ -11,7 +11,6 @@ dynamic programming over the cut points.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..errors import FlexdiffError
-from ..io import save_figure, save_npz, write_json
+from ..io import read_json, save_figure, save_npz, write_json
 
 MEASURES = ("grad", "cka", "mean")
 
@@ -78,11 +77,7 @@ class Intervals:
         path = Path(path)
         if not path.exists():
             raise FlexdiffError(f"{path}: no such intervals file")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise FlexdiffError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict(read_json(path), where=str(path))
 
 
 def _noised(images: torch.Tensor, noise: torch.Tensor, t: int, scheduler_config: dict) -> torch.Tensor:

@@ -9,7 +9,6 @@ Layout (`mixture.json` is the manifest):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from ..errors import FlexdiffError
-from ..io import write_json
+from ..io import read_json, write_json
 from .elastic import SubnetSpec
 from .intervals import Intervals
 
@@ -120,12 +119,9 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
     """Load a mixture folder; every problem names the file and the field."""
     path = Path(path)
     man_file = path / MANIFEST
-    try:
-        man = json.loads(man_file.read_text())
-    except FileNotFoundError:
-        raise FlexdiffError(f"{path}: not a mixture folder (no {MANIFEST})") from None
-    except json.JSONDecodeError as e:
-        raise FlexdiffError(f"{man_file}: not valid JSON ({e})") from None
+    if not man_file.is_file():
+        raise FlexdiffError(f"{path}: not a mixture folder (no {MANIFEST})")
+    man = read_json(man_file, "the mixture manifest")
     if man.get("format") != FORMAT:
         raise FlexdiffError(f"{man_file}: format is {man.get('format')!r}; expected {FORMAT!r}")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
@@ -148,8 +144,5 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
             raise FlexdiffError(f"{folder}: cannot load the expert ({str(e).splitlines()[0] if str(e) else e})") from None
         experts.append(model.eval().requires_grad_(False))
     sched_file = path / "scheduler_config.json"
-    try:
-        sched = json.loads(sched_file.read_text()) if sched_file.exists() else None
-    except json.JSONDecodeError as e:
-        raise FlexdiffError(f"{sched_file}: not valid JSON ({e})") from None
+    sched = read_json(sched_file, "the scheduler config") if sched_file.exists() else None
     return Mixture(experts, intervals, sched, man).eval().requires_grad_(False), man

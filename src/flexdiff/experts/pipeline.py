@@ -13,16 +13,16 @@ beside its results and refuses to resume with other settings.
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from ..cost import count_macs
+from ..engine import is_mixture
 from ..errors import FlexdiffError
-from ..io import save_safetensors, write_json
+from ..io import read_json, save_safetensors, write_json
 from ..models import LoadedModel
 from ..sampling import make_scheduler
 from ..schedule import SAMPLERS
@@ -30,7 +30,7 @@ from .agent import AgentConfig, SpecSpace, check_budget, train_agent
 from .elastic import ElasticUNet, SubnetSpec
 from .finetune import IntervalBatches, TuneConfig, taylor_importance, tune_elastic, tune_static
 from .intervals import MEASURES, Intervals, find_intervals
-from .mixture import Mixture, save_mixture
+from .mixture import save_mixture
 
 STAGES = ("intervals", "elastic", "agent", "final")
 
@@ -92,7 +92,7 @@ def _guard(folder: Path, settings: dict) -> None:
     """Remember a stage's settings; refuse to resume a folder made with other ones."""
     f = folder / "settings.json"
     if f.exists():
-        old = json.loads(f.read_text())
+        old = read_json(f, "the stage's settings")
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise FlexdiffError(f"{f}: this stage was run with other settings {diff} (old, new); "
@@ -101,7 +101,8 @@ def _guard(folder: Path, settings: dict) -> None:
         write_json(f, settings)
 
 
-def _images(model: LoadedModel, images: torch.Tensor | None) -> torch.Tensor:
+def training_images(model: LoadedModel, images: torch.Tensor | None) -> torch.Tensor:
+    """The images to fine-tune on: the given ones, or the digits for the default model (refused for others)."""
     if images is not None:
         return images
     from ..data import load_digits_split
@@ -117,21 +118,18 @@ class ExpertsPipeline:
         if model.is_conditional:
             raise FlexdiffError("flexdiff experts trains on images only: conditional UNets need their "
                                 "conditioning data, which this pipeline does not load")
-        if isinstance(model.unet, Mixture):
+        if is_mixture(model.unet):
             raise FlexdiffError(f"--model {model.path} is already a mixture; give the teacher UNet")
         cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress
         self.out = Path(out_dir)
-        self.images = _images(model, images)
+        self.images = training_images(model, images)
         self.teacher = model.unet.eval().requires_grad_(False)
         self._macs: dict[SubnetSpec, float] = {}
 
     # ---- paths
     def budget_dir(self, budget: float | None = None) -> Path:
         return self.out / f"budget-{(budget if budget is not None else self.cfg.budget):g}"
-
-    def mixture_dir(self, budget: float | None = None) -> Path:
-        return self.budget_dir(budget) / "mixture"
 
     # ---- stage 1
     def intervals(self) -> Intervals:
@@ -197,7 +195,7 @@ class ExpertsPipeline:
     # ---- stage 3
     def agent(self, budget: float | None = None) -> dict:
         budget = self.cfg.budget if budget is None else budget
-        cfg = self.cfg if budget == self.cfg.budget else ExpertsConfig(**{**asdict(self.cfg), "budget": budget})
+        cfg = replace(self.cfg, budget=budget)
         iv = self.intervals()
         served = self.served(iv)
         elastics = self.elastic_experts() if not self._agent_done(budget) else None
@@ -205,7 +203,7 @@ class ExpertsPipeline:
         folder.mkdir(parents=True, exist_ok=True)
         _guard(folder, cfg.stage_settings("agent"))
         if self._agent_done(budget):
-            return json.loads((folder / "choice.json").read_text())
+            return read_json(folder / "choice.json", "the agent's choice")
         space = self.spec_space(elastics[0])
         batches = [self.batches(lo, hi) for lo, hi in iv.bounds()]
         acfg = AgentConfig(steps=self.cfg.agent_steps, batch_size=self.cfg.batch_size, distill=self.cfg.distill,
@@ -230,7 +228,7 @@ class ExpertsPipeline:
               name: str = "mixture", info: dict | None = None) -> Path:
         """Extract the chosen sub-networks, fine-tune each on its interval, save the mixture folder."""
         budget = self.cfg.budget if budget is None else budget
-        cfg = self.cfg if budget == self.cfg.budget else ExpertsConfig(**{**asdict(self.cfg), "budget": budget})
+        cfg = replace(self.cfg, budget=budget)
         target = self.budget_dir(budget) / name
         if (target / "mixture.json").exists():
             return target
@@ -304,7 +302,7 @@ class ExpertsPipeline:
     def uniform_experts(self, budget: float | None = None) -> Path:
         """The experts without the agent: the same width everywhere, at (at most) the mixture's MACs."""
         budget = self.cfg.budget if budget is None else budget
-        mix = json.loads((self.final(budget) / "mixture.json").read_text())
+        mix = read_json(self.final(budget) / "mixture.json", "the mixture manifest")
         served = mix["steps_served"]
         run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
         elastic = self.elastic_experts()[0]
@@ -317,7 +315,7 @@ class ExpertsPipeline:
         target = self.budget_dir(budget) / "pruned"
         if (target / "pruning.json").exists():  # written last: the folder is complete
             return target
-        mix = json.loads((self.final(budget) / "mixture.json").read_text())
+        mix = read_json(self.final(budget) / "mixture.json", "the mixture manifest")
         served = mix["steps_served"]
         run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
         T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
