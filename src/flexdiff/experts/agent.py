@@ -64,9 +64,16 @@ class SpecSpace:
         self.full = elastic.full
         self.shape = tuple(len(f[2]) for f in self.factors)
         grid = np.zeros(self.shape or (1,))
-        for idx in itertools.product(*(range(s) for s in self.shape)):
+        for idx in self.indices():
             grid[idx if idx else 0] = macs_of(self.spec(idx))
         self.macs = torch.tensor(grid, dtype=torch.float64)
+
+    def indices(self) -> list[tuple[int, ...]]:
+        """Every spec as a tuple of choice indices, one per factor (() when nothing can be cut)."""
+        return list(itertools.product(*(range(s) for s in self.shape)))
+
+    def call_macs(self, idx: tuple[int, ...]) -> float:
+        return float(self.macs[idx if idx else 0])
 
     def spec(self, idx) -> SubnetSpec:
         widths, depths = list(self.full.widths), self.full.depths
@@ -236,24 +243,19 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
         progress.remove_task(task)
     with torch.no_grad():
         logits = agent.logits()
-    idx_all = list(itertools.product(*(range(s) for s in space.shape)))
-    logps, macs = [], []
+    idx_all = space.indices()
+    calls_all = np.array([space.call_macs(idx) for idx in idx_all])
+    logps = []
     for e in range(len(elastics)):
         lp = [F.log_softmax(lg, -1) for lg in logits[e]]
         logps.append(np.array([float(sum(lp[f][k] for f, k in enumerate(idx))) for idx in idx_all]))
-        macs.append(np.array([float(space.macs[idx if idx else 0]) * served[e] for idx in idx_all]))
-    picks = choose_within_budget(logps, macs, target)
-    specs = [space.spec(idx_all[k]) for k in picks]
+    picks = choose_within_budget(logps, [calls_all * n for n in served], target)
+    calls = [float(calls_all[k]) for k in picks]
+    total = sum(c * n for c, n in zip(calls, served))
     full_call = float(space.macs.max())
-    experts = []
-    for e, (spec, k) in enumerate(zip(specs, picks)):
-        call = float(space.macs[idx_all[k] if idx_all[k] else 0])
-        experts.append(dict(spec=spec.to_dict(), macs_per_call=call, fraction_of_full=call / full_call,
-                            steps_served=served[e], share_of_run=call * served[e] / sum(
-                                float(space.macs[idx_all[j] if idx_all[j] else 0]) * served[i]
-                                for i, j in enumerate(picks)),
-                            probability=float(math.exp(logps[e][k]))))
-    total = sum(x["macs_per_call"] * x["steps_served"] for x in experts)
+    experts = [dict(spec=space.spec(idx_all[k]).to_dict(), macs_per_call=c, fraction_of_full=c / full_call,
+                    steps_served=n, share_of_run=c * n / total, probability=float(math.exp(logps[e][k])))
+               for e, (k, c, n) in enumerate(zip(picks, calls, served))]
     result = dict(budget=budget, fraction_of_teacher=total / teacher_run, experts=experts,
                   wall_time_s=elapsed, steps=cfg.steps, config=asdict(cfg))
     write_json(out_dir / "choice.json", result)

@@ -48,9 +48,13 @@ class Intervals:
         ends = list(self.starts[1:]) + [self.num_train_timesteps]
         return [(a, b - 1) for a, b in zip(self.starts, ends)]
 
+    def indices(self, timesteps) -> np.ndarray:
+        """The interval of every timestep (a float timestep between two starts belongs to the lower one)."""
+        t = np.asarray(timesteps, dtype=np.float64).reshape(-1)
+        return np.maximum(np.searchsorted(np.asarray(self.starts), t, side="right") - 1, 0)
+
     def index(self, t: float) -> int:
-        """The interval of timestep `t` (a float timestep between two starts belongs to the lower one)."""
-        return int(np.searchsorted(np.asarray(self.starts), float(t), side="right") - 1)
+        return int(self.indices(float(t))[0])
 
     def steps_served(self, timesteps) -> list[int]:
         counts = [0] * self.k

@@ -55,9 +55,7 @@ class Mixture(torch.nn.Module):
 
     def route(self, timestep) -> torch.Tensor:
         """The expert index of every timestep in `timestep` (scalar or batch)."""
-        t = torch.as_tensor(timestep).reshape(-1).float()
-        starts = torch.tensor(self.intervals.starts, dtype=torch.float32)
-        return (torch.searchsorted(starts, t, right=True) - 1).clamp_(min=0)
+        return torch.from_numpy(self.intervals.indices(torch.as_tensor(timestep).detach().cpu().numpy()))
 
     def forward(self, sample, timestep, *args, expert: int | None = None, **kwargs):
         if expert is not None:

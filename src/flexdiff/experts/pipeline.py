@@ -220,7 +220,7 @@ class ExpertsPipeline:
         budget = self.cfg.budget if budget is None else budget
         iv_file = self.out / "intervals" / "intervals.json"
         served = self.served(Intervals.load(iv_file)) if iv_file.exists() else [self.cfg.num_steps]
-        check_budget(self.spec_space(ElasticUNet(copy.deepcopy(self.teacher))), served, budget,
+        check_budget(self.spec_space(ElasticUNet(self.teacher)), served, budget,  # reads shapes only: no copy
                      count_macs(self.teacher) * sum(served))
 
     # ---- stage 4
