@@ -245,3 +245,9 @@ def test_a_diffusers_pipeline_samples_with_a_mixture(sched_cfg):
     ours = sample(mix, sched_cfg, Schedule.full("ddim", 7), noise).images
     ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(ours - ref).max() <= 1e-5
+
+
+def test_a_corrupt_checkpoint_is_named_not_a_traceback(tmp_path, sched_cfg):
+    (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FlexdiffError, match=r"c.pt: cannot read this checkpoint"):
+        tune_static(tiny_unet(), _batches(sched_cfg), tmp_path / "c.pt", TuneConfig(steps=2, batch_size=4))

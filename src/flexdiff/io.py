@@ -37,6 +37,17 @@ def read_json(path: Path, what: str = "") -> Any:
         raise FlexdiffError(f"{path}: {what + ' is ' if what else ''}not valid JSON ({e})") from None
 
 
+def load_checkpoint(path: Path) -> Any:
+    """`torch.load(weights_only=True)` of a resumable run's checkpoint; a broken one names itself."""
+    from .errors import FlexdiffError
+
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many kinds
+        raise FlexdiffError(f"{path}: cannot read this checkpoint ({type(e).__name__}); delete it to start "
+                            "that part again") from None
+
+
 def write_text(path: Path, text: str) -> Path:
     return _atomic(path, lambda p: p.write_text(text))
 

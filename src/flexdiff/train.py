@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from .errors import FlexdiffError
-from .io import torch_save, write_json
+from .io import load_checkpoint, torch_save, write_json
 from .models import DEFAULT_SCHEDULER_CONFIG, UNet2DModel, save_model
 
 
@@ -73,7 +73,7 @@ def train(
 
     ckpt_path = out_dir / "checkpoint.pt"
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt["config"] != asdict(cfg):
             raise FlexdiffError(
                 f"{ckpt_path}: checkpoint was written with other settings {ckpt['config']}; "

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FlexdiffError
-from ..io import save_figure, torch_save, write_json
+from ..io import load_checkpoint, save_figure, torch_save, write_json
 from .elastic import ElasticUNet, SubnetSpec
 from .finetune import IntervalBatches, denoise_loss
 
@@ -178,7 +178,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
     scale, multiplier = None, 0.0
     ckpt = out_dir / "agent.pt"
     if ckpt.exists():
-        ck = torch.load(ckpt, weights_only=True)
+        ck = load_checkpoint(ckpt)
         if ck["config"] != asdict(cfg) or ck["budget"] != budget or ck["served"] != list(served):
             raise FlexdiffError(f"{ckpt}: written with other settings; use the same ones to resume, or another folder")
         agent.load_state_dict(ck["agent"])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from ..errors import FlexdiffError
-from ..io import torch_save
+from ..io import load_checkpoint, torch_save
 from ..train import warmup_cosine
 
 
@@ -87,7 +87,7 @@ def tune(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start, losses, elapsed = 0, [], 0.0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True)
+        ck = load_checkpoint(ckpt_path)
         if ck["config"] != asdict(cfg):
             raise FlexdiffError(f"{ckpt_path}: written with other settings {ck['config']}; use the same settings "
                                 "to resume, or another output folder")
