@@ -20,7 +20,7 @@ from .cost import measure_step_costs
 from .io import save_figure, save_safetensors, write_json, write_text
 from .metrics import QualityMeter
 from .models import LoadedModel
-from .sampling import initial_noise, sample
+from .sampling import class_conditioning, initial_noise, sample
 from .schedule import Schedule
 
 FAMILY_STYLE = {  # colour, marker
@@ -53,6 +53,8 @@ class BenchConfig:
     seed: int = 0
     batch_size: int = 250
     teacher_steps: int = 100
+    labels: tuple[int, ...] = ()  # class-conditional models: labels cycled over the samples; () = unconditional
+    guidance: float = 1.0  # classifier-free guidance scale, the same for every method
     ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
     dpm_steps: tuple[int, ...] = (5, 10, 20)
     deepcache_intervals: tuple[int, ...] = (2, 3, 5)
@@ -112,7 +114,8 @@ def _model_fingerprint(model: LoadedModel) -> str:
 
 def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
     blob = json.dumps([fingerprint, method.schedule.to_dict()["steps"], method.schedule.sampler,
-                       cfg.samples, cfg.seed, cfg.batch_size], sort_keys=True)
+                       cfg.samples, cfg.seed, cfg.batch_size]
+                      + ([list(cfg.labels), cfg.guidance] if cfg.labels else []), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -129,7 +132,7 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
         for family, space, metric in runs:
             scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
                                 eval_samples=cfg.search_eval_samples, metric=metric, seed=cfg.seed,
-                                teacher_steps=cfg.teacher_steps)
+                                teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance)
             folder = out_dir / "searches" / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
                                               else f"{family}-{1 / budget:g}x")
             result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
@@ -180,7 +183,8 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     out_dir = Path(out_dir)
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    costs = measure_step_costs(model.unet)
+    guided = cfg.guidance != 1.0
+    costs = measure_step_costs(model.unet, guidance=guided)
     searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress)
     methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress)
     models = {None: (model, costs, _model_fingerprint(model))}
@@ -188,7 +192,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     for m in methods:
         if m.model not in models:
             other = load_model(m.model)
-            models[m.model] = (other, measure_step_costs(other.unet), _model_fingerprint(other))
+            models[m.model] = (other, measure_step_costs(other.unet, guidance=guided), _model_fingerprint(other))
         m.schedule.check_fits(len(models[m.model][1].partial))
         key = (models[m.model][2], json.dumps(m.schedule.to_dict()["steps"]), m.schedule.sampler)
         if key not in seen:  # e.g. a baseline that came out the same at two budgets: one row
@@ -197,6 +201,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     methods = unique
     c = model.unet.config
     noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
+    cond = class_conditioning(model.unet, cfg.labels, cfg.samples, cfg.guidance)
     fp = models[None][2]
 
     task = progress.add_task("bench", total=len(methods)) if progress else None
@@ -209,7 +214,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             images, seconds, resumed = stored["images"], float(stored["seconds"]), True
         else:
             r = sample(m_model.unet, m_model.scheduler_config, m.schedule, noise, cfg.batch_size,
-                       progress=progress, description=m.name)
+                       cond=cond, progress=progress, description=m.name)
             images, seconds, resumed = r.images, r.seconds, False
             save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds)})
         runs.append((m, images, seconds, resumed))
@@ -237,7 +242,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     result = dict(
         config=dict(cfg.__dict__), model=str(model.path), model_fingerprint=fp,
         mixture_vs_baselines=_mixture_comparisons(runs, feats_by_name, meter),
-        feature_space=meter.name, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
+        feature_space=meter.name, headline=meter.headline, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
         rows=rows,
     )
     write_json(out_dir / "bench.json", result)
@@ -249,13 +254,10 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
 
 def _mixture_comparisons(runs, feats_by_name: dict, meter: QualityMeter) -> list[dict]:
     """Each mixture (alone, on the teacher's sampler) against each baseline, paired on the same noise."""
-    from .metrics.fid import paired_fid_difference
-
     mixtures = [m for m, *_ in runs if m.family == "experts"]
     baselines = [m for m, *_ in runs if m.family in ("experts-uniform", "diff-pruning")]
-    return [dict(mixture=a.name, baseline=b.name,
-                 fid_difference=paired_fid_difference(feats_by_name[a.name], feats_by_name[b.name],
-                                                      meter.reference, meter.n_boot).to_dict())
+    return [dict(mixture=a.name, baseline=b.name, metric=meter.headline,
+                 difference=meter.paired(feats_by_name[a.name], feats_by_name[b.name]).to_dict())
             for a in mixtures for b in baselines]
 
 
@@ -265,29 +267,42 @@ def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
     return f"{d['value'] * scale:.{digits}f} ± {(d['hi'] - d['lo']) / 2 * scale:.{digits}f}"
 
 
+HEADLINE_LABELS = {"cbfd": "cbFD", "fid": "FID"}
+
+
 def markdown_table(result: dict) -> str:
     cfg = result["config"]
+    head = result.get("headline", "fid")
+    label = HEADLINE_LABELS[head]
+    balanced = head == "cbfd"
     lines = [
         f"Samples per method: {cfg['samples']} (seed {cfg['seed']}, same initial noise for every method); "
         f"feature space: {result['feature_space']}; intervals: 95% (bootstrap standard error, ± half-width); "
-        f"torch threads: {result['threads']}.",
+        f"torch threads: {result['threads']}; "
+        + (f"class labels {', '.join(map(str, cfg['labels']))} with guidance {cfg['guidance']:g}"
+           if cfg.get("labels") else "unconditional") + ". Lower is better for every quality column"
+        + ("; cbFD is the class-balanced Fréchet distance and class TV the class-mix distance of docs/metrics.md"
+           if balanced else "") + ".",
         "",
-        "| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | ms/image "
-        "| FID | FID − teacher (paired) | KID ×10³ | rFID | teacher dist. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | ms/image "
+        f"| {label} | {label} − teacher (paired) |" + (" class TV |" if balanced else "")
+        + " FID | FID − teacher (paired) | rFID | teacher dist. |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if balanced else "") + "---|---|---|---|",
     ]
     for r in result["rows"]:
         m, c = r["metrics"], r["counts"]
         lines.append(
             f"| {r['method']} | {c['full']}/{c['partial']}/{c['null']} | {r['macs_per_image'] / 1e6:,.0f} "
             f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {r['ms_per_image']:.1f} "
-            f"| {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} | {_est(m.get('kid'), 2, 1e3)} "
+            f"| {_est(m[head])} | {_est(m.get(head + '_minus_teacher'))} |"
+            + (f" {_est(m.get('class_tv'), 3)} |" if balanced else "")
+            + f" {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} "
             f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
         )
     if result.get("mixture_vs_baselines"):
-        lines += ["", "Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
-                  "| mixture | baseline | FID(mixture) − FID(baseline) |", "|---|---|---|"]
-        lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['fid_difference'])} |"
+        lines += ["", f"Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
+                  f"| mixture | baseline | {label}(mixture) − {label}(baseline) |", "|---|---|---|"]
+        lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['difference'])} |"
                   for c in result["mixture_vs_baselines"]]
     searched = [r for r in result["rows"] if r.get("search_seconds") is not None]
     if searched:
@@ -297,7 +312,7 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_bench(result: dict, path: Path) -> Path:
-    """Left: FID against real data. Right: the paired FID difference to the teacher (narrower intervals)."""
+    """Left: the headline quality against real data. Right: its paired difference to the teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,8 +320,10 @@ def plot_bench(result: dict, path: Path) -> Path:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    panels = (("fid", "FID vs real digits"), ("fid_minus_teacher", "FID − teacher FID (paired, same noise)"))
-    teacher_fid = result["rows"][0]["metrics"]["fid"]["value"]
+    head = result.get("headline", "fid")
+    label = HEADLINE_LABELS[head]
+    panels = ((head, f"{label} vs real data"), (head + "_minus_teacher", f"{label} − teacher {label} (paired, same noise)"))
+    teacher_fid = result["rows"][0]["metrics"][head]["value"]
     for ax, (key, title) in zip(axes, panels):
         seen = set()
         for r in result["rows"]:
@@ -320,9 +337,9 @@ def plot_bench(result: dict, path: Path) -> Path:
             seen.add(r["family"])
         for frac, ls in ((0.05, "--"), (0.10, ":")):
             d = frac * teacher_fid
-            ax.axhline(teacher_fid + d if key == "fid" else d, color="gray", ls=ls, lw=0.8,
-                       label=f"teacher FID + {frac:.0%}")
-        if key != "fid":
+            ax.axhline(teacher_fid + d if key == head else d, color="gray", ls=ls, lw=0.8,
+                       label=f"teacher {label} + {frac:.0%}")
+        if key != head:
             ax.axhline(0, color="black", lw=0.6)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -331,7 +348,7 @@ def plot_bench(result: dict, path: Path) -> Path:
         ax.set_xlabel("GMACs per image, whole sampling run (log)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel(f"FID ({result['feature_space']} features)")
+    axes[0].set_ylabel(f"{label} ({result['feature_space']} features)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Quality vs cost — {result['config']['samples']} samples per method, same noise, 95% intervals")
     save_figure(path, fig)

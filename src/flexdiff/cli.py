@@ -79,11 +79,16 @@ def _threads(threads: Optional[int]) -> None:
 @user_errors
 def train(
     out: Path = typer.Option(..., "--out", help="Folder for the trained model (diffusers layout) and its checkpoint."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder of images to train on. Default: scikit-learn's digits (train split, 16x16)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of images to train on (an unconditional model). Default: scikit-learn's digits (train split, 16x16), class-conditional."),
     resolution: int = typer.Option(16, min=8, help="Image size for --data (square)."),
-    steps: int = typer.Option(2400, min=1, help="Optimiser steps."),
+    steps: int = typer.Option(2400, min=1, help="Optimiser steps (with --lr-schedule constant, a finished run can be extended by raising it)."),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
+    lr_schedule: str = typer.Option("cosine", help="cosine (decay to 10% at --steps) or constant (after warm-up)."),
+    warmup: int = typer.Option(200, min=1, help="Linear warm-up steps."),
+    ema_decay: float = typer.Option(0.999, min=0.0, max=1.0),
+    label_dropout: float = typer.Option(0.1, min=0.0, max=0.99, help="Share of labels replaced by the null label (class-conditional models)."),
+    snapshot_every: int = typer.Option(0, min=0, help="Also save the EMA model every N steps under OUT/snapshots/ (0: never)."),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints; a killed run resumes from the last one."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
@@ -96,17 +101,20 @@ def train(
     from .train import TrainConfig, train as run_train
 
     _threads(threads)
+    labels = None
     if data is None:
-        images, _ = load_digits_split("train")
+        images, labels = load_digits_split("train")
         unet = build_default_unet(seed)
     else:
         images = load_image_folder(data, resolution)
         c = images.shape[1]
-        unet = build_default_unet(seed, sample_size=resolution, in_channels=c, out_channels=c)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+        unet = build_default_unet(seed, sample_size=resolution, in_channels=c, out_channels=c, num_class_embeds=None)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed,
+                      checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, label_dropout=label_dropout,
+                      snapshot_every=snapshot_every)
     t0 = time.perf_counter()
     with progress_bar() as progress:
-        summary = run_train(unet, images, out, cfg, progress=progress)
+        summary = run_train(unet, images, out, cfg, progress=progress, labels=labels)
     console.print(
         f"trained {steps} steps on {images.shape[0]} images; final loss {summary['final_loss_last200']:.4f}; "
         f"this run {time.perf_counter() - t0:.0f} s, total {summary['wall_time_s']:.0f} s -> {out}"
@@ -162,6 +170,36 @@ def _load_cond(path: Optional[Path], guidance: float, model):
     return Conditioning(tensors["encoder_hidden_states"], tensors.get("negative"), guidance)
 
 
+LabelsOpt = typer.Option(None, "--labels", help="Class-conditional models (the default): 'all' (each class in turn) or class indices, e.g. 3 or 0,1,7, cycled over the samples. Default: unconditional (the null label).")
+GuidanceOpt = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (with --labels, or --cond for text UNets); 1 = none.")
+
+
+def _conditioning(loaded, cond: Optional[Path], labels: Optional[str], guidance: float, n: int):
+    """Text conditioning from --cond, or class labels from --labels; None for an unconditional model."""
+    from .sampling import class_conditioning, num_classes, parse_labels
+
+    classes = num_classes(loaded.unet)
+    if labels is not None and classes is None:
+        raise FlexdiffError(f"--labels: the model at {loaded.path} has no class labels (it is not a UNet2DModel "
+                            "with num_class_embeds)")
+    if classes is not None:
+        if cond is not None:
+            raise FlexdiffError("--cond is only for conditional UNets (UNet2DConditionModel); this model takes --labels")
+        return class_conditioning(loaded.unet, parse_labels(labels, classes) if labels else (), n, guidance)
+    if guidance != 1.0 and not loaded.is_conditional:
+        raise FlexdiffError("--guidance needs a conditional model (--cond for a UNet2DConditionModel, --labels for "
+                            "a class-conditional UNet2DModel)")
+    return _load_cond(cond, guidance, loaded)
+
+
+def _labels_tuple(loaded, labels: Optional[str], guidance: float) -> tuple[int, ...]:
+    """--labels as a tuple for configs (searches, bench), checked against the model now, before any work."""
+    _conditioning(loaded, None, labels, guidance, 1)
+    from .sampling import num_classes, parse_labels
+
+    return parse_labels(labels, num_classes(loaded.unet)) if labels else ()
+
+
 SamplerOpt = typer.Option("ddim", "--sampler", help="ddim | dpmsolver++ | euler (ignored with --schedule).")
 StepsOpt = typer.Option(100, "--steps", min=1, help="Sampler steps (ignored with --schedule).")
 ScheduleOpt = typer.Option(None, "--schedule", help="A schedule JSON (full / partial:<branch> / null per step).")
@@ -182,7 +220,8 @@ def sample_cmd(
     n: int = typer.Option(64, "--n", min=1, help="Number of images."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     cond: Optional[Path] = typer.Option(None, "--cond", help="Conditional UNets: safetensors with 'encoder_hidden_states' [and 'negative']."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (conditional UNets)."),
+    labels: Optional[str] = LabelsOpt,
+    guidance: float = GuidanceOpt,
     save_tensors: Optional[Path] = typer.Option(None, "--save-tensors", help="Also save the raw samples (safetensors)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
@@ -195,7 +234,7 @@ def sample_cmd(
     _threads(threads)
     loaded = load_model(model)
     sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch)
-    conditioning = _load_cond(cond, guidance, loaded)
+    conditioning = _conditioning(loaded, cond, labels, guidance, n)
     c = loaded.unet.config
     noise = initial_noise(n, (c.in_channels, c.sample_size, c.sample_size), seed)
     with progress_bar() as progress:
@@ -206,7 +245,7 @@ def sample_cmd(
         from .io import save_safetensors
 
         save_safetensors(save_tensors, {"images": result.images})
-    costs = measure_step_costs(loaded.unet, guidance=conditioning is not None and guidance != 1.0)
+    costs = measure_step_costs(loaded.unet, guidance=conditioning is not None and conditioning.guided)
     console.print(
         f"{n} samples, {sched.describe()}: {costs.schedule_macs(sched) / 1e6:,.1f} M MACs/image, "
         f"{1000 * result.seconds / n:.2f} ms/image -> {out}"
@@ -227,6 +266,8 @@ def evaluate(
     teacher_steps: int = typer.Option(100, min=1, help="The teacher is DDIM with this many steps, on the same noise."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid Inception weights file: standard FID instead of the digits classifier."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
+    labels: Optional[str] = LabelsOpt,
+    guidance: float = GuidanceOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
@@ -244,22 +285,26 @@ def evaluate(
     meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size), inception_weights, real_data)
     teacher = Schedule.full("ddim", teacher_steps)
     noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
+    conditioning = _conditioning(loaded, None, labels, guidance, samples)
     with progress_bar() as progress:
-        res = sample(loaded.unet, loaded.scheduler_config, sched, noise, progress=progress,
+        res = sample(loaded.unet, loaded.scheduler_config, sched, noise, cond=conditioning, progress=progress,
                      description=f"sampling {sched.describe()}")
         teacher_feats = None
         if sched.steps != teacher.steps or sched.sampler != teacher.sampler:
-            t_res = sample(loaded.unet, loaded.scheduler_config, teacher, noise, progress=progress,
+            t_res = sample(loaded.unet, loaded.scheduler_config, teacher, noise, cond=conditioning, progress=progress,
                            description=f"teacher {teacher.describe()}")
             teacher_feats = meter.features(t_res.images)
     metrics = meter.report(meter.features(res.images), teacher_feats)
-    console.print(f"{sched.describe()} on {samples} samples (seed {seed}), {meter.name} features, 95% intervals:")
+    what = f"labels {labels}, guidance {guidance:g}" if labels else "unconditional"
+    console.print(f"{sched.describe()} on {samples} samples (seed {seed}, {what}), {meter.name} features, "
+                  f"95% intervals (headline: {meter.headline}, lower is better):")
     for k, v in metrics.items():
         scale = 1e3 if k == "kid" else 1.0
         label = "kid x1e3" if k == "kid" else k
         console.print(f"  {label:18s} {v.value * scale:8.3f}  [{v.lo * scale:.3f}, {v.hi * scale:.3f}]")
     if out:
         write_json(out, dict(schedule=sched.to_dict(), samples=samples, seed=seed, features=meter.name,
+                             labels=labels, guidance=guidance, headline=meter.headline,
                              metrics={k: v.to_dict() for k, v in metrics.items()}))
 
 
@@ -286,6 +331,8 @@ def bench(
     expert_budgets: Optional[str] = typer.Option(None, help="Build mixtures of experts at these budgets (fractions of the teacher's MACs, e.g. 0.5,0.4) with their baselines, or 'none'."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
+    labels: Optional[str] = LabelsOpt,
+    guidance: float = GuidanceOpt,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Run the teacher and the peers side by side on the same noise; write a table, a plot and sample grids."""
@@ -320,6 +367,7 @@ def bench(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     extra = tuple(Schedule.load(p) for p in schedule)
     loaded = load_model(model)
+    cfg = dataclasses.replace(cfg, labels=_labels_tuple(loaded, labels, guidance), guidance=guidance)
     c = loaded.unet.config
     meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size), inception_weights, real_data)
     with progress_bar() as progress:
@@ -356,8 +404,10 @@ def search(
     population: int = typer.Option(16, min=2),
     generations: int = typer.Option(10, min=0),
     eval_samples: int = typer.Option(256, min=8, help="Samples per candidate, on fixed evaluation noise."),
-    metric: str = typer.Option("distance", "--metric", help="Fitness: distance (per-sample, to the teacher), rfid (FID to the teacher's samples) or fid (vs real data)."),
+    metric: str = typer.Option("distance", "--metric", help="Fitness: distance (per-sample, to the teacher), rfid (FID to the teacher's samples) or fid (quality vs real data: FID, or on the digits the class-balanced distance)."),
     seed: int = typer.Option(0, help="Seed of the search and of the evaluation noise."),
+    labels: Optional[str] = LabelsOpt,
+    guidance: float = GuidanceOpt,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Search a schedule of full / partial / null steps that stays closest to the teacher under a MACs budget."""
@@ -395,7 +445,8 @@ def search(
     else:
         raise FlexdiffError(f"--space {space!r}: accepted values are segment, stepwise")
     cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
-                       eval_samples=eval_samples, metric=metric, seed=seed)
+                       eval_samples=eval_samples, metric=metric, seed=seed,
+                       labels=_labels_tuple(loaded, labels, guidance), guidance=guidance)
     c = loaded.unet.config
     meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
     with progress_bar() as progress:

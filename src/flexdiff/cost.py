@@ -48,6 +48,8 @@ def _example_inputs(unet, cross_attention_len: int = 77):
     kwargs = {}
     if isinstance(unet, UNet2DConditionModel):
         kwargs["encoder_hidden_states"] = torch.zeros(1, cross_attention_len, cfg.cross_attention_dim)
+    elif getattr(cfg, "num_class_embeds", None) is not None:
+        kwargs["class_labels"] = torch.zeros(1, dtype=torch.long)
     return x, torch.tensor([500]), kwargs
 
 

@@ -14,7 +14,9 @@ from .io import read_json
 
 UNet = UNet2DModel | UNet2DConditionModel
 
-# Architecture of the embedded default (about 1.1 M parameters, 61.7 M MACs per forward).
+# Architecture of the embedded default (about 1.1 M parameters, 61.7 M MACs per forward):
+# class-conditional on the 10 digits, with an 11th, null label for unconditional sampling.
+DIGIT_CLASSES = 10
 DEFAULT_UNET_CONFIG = dict(
     sample_size=16,
     in_channels=1,
@@ -25,6 +27,7 @@ DEFAULT_UNET_CONFIG = dict(
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     norm_num_groups=8,
     attention_head_dim=32,
+    num_class_embeds=DIGIT_CLASSES + 1,
 )
 
 # The noise schedule the default model is trained with (DDPM, linear betas, 1,000 steps).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -58,19 +58,61 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 @dataclass
 class Conditioning:
-    """Text (or other) conditioning for a UNet2DConditionModel, with classifier-free guidance."""
+    """What a conditional UNet is conditioned on, with classifier-free guidance (Ho & Salimans 2022).
 
-    encoder_hidden_states: torch.Tensor  # (1 or N, seq, dim)
-    negative: torch.Tensor | None = None  # unconditional embedding; zeros if None
+    - text (UNet2DConditionModel): `encoder_hidden_states` (1 or N, seq, dim); the unconditional
+      branch is `negative` (zeros if None);
+    - class labels (UNet2DModel with `num_class_embeds`): `class_labels` (N,) or (1,); the
+      unconditional branch is `null_label`.
+    `guidance_scale` 1 means no guidance (one network call per step).
+    """
+
+    encoder_hidden_states: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
     guidance_scale: float = 1.0
+    class_labels: torch.Tensor | None = None
+    null_label: int | None = None
 
-    def batched(self, n: int) -> tuple[torch.Tensor, bool]:
-        cond = self.encoder_hidden_states.expand(n, *self.encoder_hidden_states.shape[1:]) \
-            if self.encoder_hidden_states.shape[0] == 1 else self.encoder_hidden_states
-        if self.guidance_scale == 1.0:
-            return cond, False
+    def __post_init__(self):
+        if (self.encoder_hidden_states is None) == (self.class_labels is None):
+            raise FlexdiffError("conditioning needs either encoder_hidden_states or class_labels")
+        if self.class_labels is not None and self.guidance_scale != 1.0 and self.null_label is None:
+            raise FlexdiffError("guidance with class labels needs the model's null label")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def model_kwargs(self, n: int) -> dict:
+        """Keyword arguments of one UNet call on a batch of n (2n, unconditional first, when guided)."""
+        if self.class_labels is not None:
+            labels = self.class_labels.long()
+            labels = labels.expand(n) if labels.shape[0] == 1 else labels
+            if self.guided:
+                labels = torch.cat([torch.full_like(labels, self.null_label), labels])
+            return {"class_labels": labels}
+        ehs = self.encoder_hidden_states
+        cond = ehs.expand(n, *ehs.shape[1:]) if ehs.shape[0] == 1 else ehs
+        if not self.guided:
+            return {"encoder_hidden_states": cond}
         neg = torch.zeros_like(cond) if self.negative is None else self.negative.expand_as(cond)
-        return torch.cat([neg, cond]), True
+        return {"encoder_hidden_states": torch.cat([neg, cond])}
+
+    def rows(self, start: int, stop: int) -> "Conditioning":
+        """The conditioning of rows start..stop of a batch (per-row tensors are sliced, shared ones kept)."""
+        def cut(x):
+            return x if x is None or x.shape[0] == 1 else x[start:stop]
+        return replace(self, encoder_hidden_states=cut(self.encoder_hidden_states), negative=cut(self.negative),
+                       class_labels=cut(self.class_labels))
+
+
+def null_conditioning(unet) -> Conditioning | None:
+    """Unconditional sampling of a class-conditional UNet2DModel: every row gets the null label."""
+    first = unet.experts[0] if is_mixture(unet) else unet
+    n = getattr(first.config, "num_class_embeds", None)
+    if n is None or isinstance(first, UNet2DConditionModel):
+        return None
+    return Conditioning(class_labels=torch.tensor([n - 1]), null_label=n - 1)
 
 
 @dataclass
@@ -85,14 +127,12 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
                   cond: Conditioning | None) -> torch.Tensor:
     engine.reset()
     x = x * scheduler.init_noise_sigma
-    ehs, guided = cond.batched(x.shape[0]) if cond is not None else (None, False)
+    kwargs = cond.model_kwargs(x.shape[0]) if cond is not None else {}
+    guided = cond is not None and cond.guided
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         model_in = scheduler.scale_model_input(model_in, t)
-        if ehs is None:
-            eps = unet(model_in, t).sample  # full, partial or null: the engine decides
-        else:
-            eps = unet(model_in, t, encoder_hidden_states=ehs).sample
+        eps = unet(model_in, t, **kwargs).sample  # full, partial or null: the engine decides
         if guided:  # classifier-free guidance (Ho & Salimans 2022): eps_u + w (eps_c - eps_u)
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cond.guidance_scale * (eps_c - eps_u)
@@ -112,11 +152,13 @@ def sample(
 ) -> SampleResult:
     """Draw one sample per row of `noise`, running `schedule` on `unet`.
 
+    A class-conditional UNet2DModel without `cond` samples unconditionally (the null label).
     The hooks are attached for the call and removed afterwards, so `unet` is unchanged.
     """
     first = unet.experts[0] if is_mixture(unet) else unet  # a mixture: its experts' class
     if isinstance(first, UNet2DConditionModel) and cond is None:
         raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
+    cond = cond if cond is not None else null_conditioning(unet)
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
     set_timesteps(scheduler, schedule)
     if len(scheduler.timesteps) != schedule.num_steps:
@@ -130,7 +172,8 @@ def sample(
         for start in range(0, len(noise), batch_size):
             chunk = noise[start:start + batch_size]
             set_timesteps(scheduler, schedule)  # also resets the multistep solver's history
-            outs.append(_sample_batch(unet, scheduler, engine, chunk, cond))
+            part = cond.rows(start, start + len(chunk)) if cond is not None else None
+            outs.append(_sample_batch(unet, scheduler, engine, chunk, part))
             if task is not None:
                 progress.update(task, advance=len(chunk))
         calls = dict(engine.calls)
@@ -138,3 +181,44 @@ def sample(
     if task is not None:
         progress.remove_task(task)
     return SampleResult(images=torch.cat(outs), seconds=seconds, calls=calls)
+
+
+def num_classes(unet) -> int | None:
+    """Classes of a class-conditional UNet2DModel (its null label excluded); None for other models."""
+    first = unet.experts[0] if is_mixture(unet) else unet
+    n = getattr(first.config, "num_class_embeds", None)
+    return None if n is None or isinstance(first, UNet2DConditionModel) else n - 1
+
+
+def parse_labels(text: str, classes: int, option: str = "--labels") -> tuple[int, ...]:
+    """'all' (every class in turn) or comma-separated class indices, checked against the model."""
+    if text.strip() == "all":
+        return tuple(range(classes))
+    try:
+        labels = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FlexdiffError(f"{option} {text!r}: expected 'all' or comma-separated class indices, e.g. 3 or 0,1,7") from None
+    bad = [v for v in labels if not 0 <= v < classes]
+    if not labels or bad:
+        raise FlexdiffError(f"{option} {text!r}: class indices must lie in 0..{classes - 1} (the model has {classes} classes)")
+    return labels
+
+
+def class_conditioning(unet, labels: tuple[int, ...] | None, n: int, guidance: float = 1.0) -> Conditioning | None:
+    """Conditioning of n samples of a class-conditional model: row i gets labels[i % len(labels)].
+
+    No labels: unconditional (the null label), where guidance has nothing to contrast and is refused.
+    A model without classes refuses labels.
+    """
+    classes = num_classes(unet)
+    if classes is None:
+        if labels:
+            raise FlexdiffError("--labels is only for class-conditional models (a UNet2DModel with num_class_embeds)")
+        return None
+    if not labels:
+        if guidance != 1.0:
+            raise FlexdiffError("--guidance needs --labels on a class-conditional model (unconditional sampling "
+                                "uses the null label, which guidance contrasts with)")
+        return null_conditioning(unet)
+    rows = torch.tensor(labels, dtype=torch.long).repeat((n + len(labels) - 1) // len(labels))[:n]
+    return Conditioning(class_labels=rows, null_label=classes, guidance_scale=guidance)

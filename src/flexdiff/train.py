@@ -1,4 +1,9 @@
-"""Training a diffusion UNet (epsilon prediction, DDPM noise schedule) with EMA and resumable checkpoints."""
+"""Training a diffusion UNet (epsilon prediction, DDPM noise schedule) with EMA and resumable checkpoints.
+
+Class-conditional models (a UNet2DModel with `num_class_embeds`) are trained with label dropout:
+the last class index is the *null* label, so one model samples unconditionally and with
+classifier-free guidance (Ho & Salimans 2022).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,27 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     checkpoint_every: int = 250
+    # "cosine": warm-up then cosine decay to 10% at `steps`. "constant": warm-up then a flat
+    # rate, so a finished run can be extended to more steps and resumed (the convergence check).
+    lr_schedule: str = "cosine"
+    label_dropout: float = 0.1  # fraction of labels replaced by the null label (conditional models)
+    snapshot_every: int = 0  # also save the EMA model every N steps under snapshots/ (0: never)
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FlexdiffError(f"lr_schedule {self.lr_schedule!r}: accepted values are {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise FlexdiffError(f"label_dropout {self.label_dropout}: must be in [0, 1)")
+
+    def resume_key(self) -> dict:
+        """The settings a checkpoint must share to be resumed: with a constant rate, `steps` may grow."""
+        key = asdict(self)
+        if self.lr_schedule == "constant":
+            key.pop("steps")
+        return key
+
+
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
@@ -38,7 +64,32 @@ def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
     return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=0.1)
+
+
+def null_label(unet) -> int | None:
+    """The unconditional class index of a class-conditional UNet2DModel (its last one); None otherwise."""
+    n = getattr(unet.config, "num_class_embeds", None)
+    return None if n is None else n - 1
+
+
+def debiased_ema(ema, init: dict[str, torch.Tensor], decay: float, step: int):
+    """The EMA with the initial weights' share removed (Adam-style bias correction).
+
+    After t updates e_t = d^t theta_0 + (1 - d) sum_s d^(t-s) theta_s: with d = 0.9995 and t = 2,500
+    the random initialisation still holds 29% of the weight, and its samples are noise. Removing
+    d^t theta_0 and renormalising leaves the average of the trained weights only.
+    """
+    share = decay ** step
+    out = copy.deepcopy(ema)
+    if share >= 1.0:
+        return out
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            p.copy_((p - share * init[name]) / (1 - share))
+    return out
 
 
 def train(
@@ -49,8 +100,12 @@ def train(
     scheduler_config: dict | None = None,
     on_step: Callable[[int, float], None] | None = None,
     progress=None,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """Train `unet` on `images` ((N, C, H, W) in [-1, 1]); write the EMA model to `out_dir`.
+
+    A class-conditional UNet needs `labels` (N integers in [0, num_class_embeds - 1)); a share
+    `cfg.label_dropout` of them is replaced by the null label at every step.
 
     A checkpoint (`out_dir/checkpoint.pt`) is written every `cfg.checkpoint_every` steps; a run
     started again with the same arguments resumes from it and ends with the same weights as an
@@ -63,24 +118,35 @@ def train(
             f"data has shape {tuple(images.shape)}; the model expects "
             f"(N, {unet.config.in_channels}, H, W)"
         )
+    null = null_label(unet)
+    if null is not None:
+        if labels is None or labels.shape != (images.shape[0],):
+            raise FlexdiffError(
+                f"the model is class-conditional ({null} classes + the null label): give one label per image"
+            )
+        if int(labels.min()) < 0 or int(labels.max()) >= null:
+            raise FlexdiffError(f"labels must lie in 0..{null - 1} (the model has {null} classes)")
     noise_sched = DDPMScheduler(**scheduler_config)
     alphas_cumprod = noise_sched.alphas_cumprod
     gen = torch.Generator().manual_seed(cfg.seed)
     unet.train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    init = {k: v.detach().clone() for k, v in unet.named_parameters()}  # theta_0, for the EMA's bias correction
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, losses, elapsed = 0, [], 0.0
 
     ckpt_path = out_dir / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"] != asdict(cfg):
+        saved = TrainConfig(**ckpt["config"]) if isinstance(ckpt.get("config"), dict) else None
+        if saved is None or saved.resume_key() != cfg.resume_key() or ckpt["step"] > cfg.steps:
             raise FlexdiffError(
                 f"{ckpt_path}: checkpoint was written with other settings {ckpt['config']}; "
                 "use the same settings to resume or another --out folder"
             )
         unet.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
+        init = ckpt.get("init", init)  # checkpoints from before the bias correction: the same seed made theta_0
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["generator"])
         start, losses, elapsed = ckpt["step"], ckpt["losses"], ckpt["elapsed"]
@@ -91,6 +157,7 @@ def train(
             dict(
                 model=unet.state_dict(),
                 ema=ema.state_dict(),
+                init=init,
                 optimizer=opt.state_dict(),
                 generator=gen.get_state(),
                 step=step,
@@ -112,7 +179,13 @@ def train(
         t = torch.randint(0, len(alphas_cumprod), (cfg.batch_size,), generator=gen)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # forward process q(x_t | x_0), DDPM eq. 4
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if null is None:
+            pred = unet(xt, t).sample
+        else:  # label dropout teaches the null label: the unconditional half of guidance
+            y = labels[idx].clone()
+            y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = null
+            pred = unet(xt, t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -127,11 +200,14 @@ def train(
             progress.update(task, advance=1, description=f"training loss {recent:.4f}")
         if on_step is not None:
             on_step(step + 1, losses[-1])
+        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
+            save_model(debiased_ema(ema, init, cfg.ema_decay, step + 1), scheduler_config,
+                       out_dir / "snapshots" / f"step-{step + 1:06d}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             checkpoint(step + 1)
 
     final_loss = sum(losses[-200:]) / max(1, len(losses[-200:]))
-    save_model(ema, scheduler_config, out_dir)
+    save_model(debiased_ema(ema, init, cfg.ema_decay, cfg.steps), scheduler_config, out_dir)
     summary = dict(
         config=asdict(cfg),
         steps=cfg.steps,
@@ -140,5 +216,6 @@ def train(
         images=n,
     )
     write_json(out_dir / "training_summary.json", summary)
+    write_json(out_dir / "losses.json", losses)  # the loss curve, for the model card's plot
     unet.eval().requires_grad_(False)
     return summary

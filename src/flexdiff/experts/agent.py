@@ -194,7 +194,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
         quality = torch.zeros((), dtype=torch.float64)
         mean_losses, advs = [], []
         for e, (elastic, b) in enumerate(zip(elastics, batches)):
-            xt, t, noise, target_eps = b.draw(cfg.batch_size, gen)
+            xt, t, noise, target_eps, kw = b.draw(cfg.batch_size, gen)
             ys, losses = [], []
             for _ in range(cfg.samples):
                 picks = [_gumbel_hard(lg, tau, gen) for lg in logits[e]]
@@ -202,7 +202,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
                 for hard, k in picks:
                     y = y * hard[k]
                 with torch.no_grad():
-                    loss = float(denoise_loss(elastic(xt, t, spec=space.spec([k for _, k in picks])).sample,
+                    loss = float(denoise_loss(elastic(xt, t, spec=space.spec([k for _, k in picks]), **kw).sample,
                                               noise, target_eps, cfg.distill))
                 ys.append(y)
                 losses.append(loss)

@@ -40,26 +40,42 @@ def lr_at(step: int, cfg: TuneConfig) -> float:
 
 
 class IntervalBatches:
-    """Noised training batches whose timesteps lie in [lo, hi], with the teacher's prediction."""
+    """Noised training batches whose timesteps lie in [lo, hi], with the teacher's prediction.
 
-    def __init__(self, images: torch.Tensor, scheduler_config: dict, lo: int, hi: int, teacher=None):
+    For a class-conditional model, `labels` (one per image) and the model's `null_label`: each
+    batch carries `class_labels`, a share `label_dropout` of them replaced by the null label (as
+    in the teacher's training), so the experts keep serving unconditional and guided sampling.
+    """
+
+    def __init__(self, images: torch.Tensor, scheduler_config: dict, lo: int, hi: int, teacher=None,
+                 labels: torch.Tensor | None = None, null_label: int | None = None, label_dropout: float = 0.1):
         cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
         self.alphas = DDPMScheduler.from_config(cfg).alphas_cumprod
         if not 0 <= lo <= hi < len(self.alphas):
             raise FlexdiffError(f"interval [{lo}, {hi}] is outside the model's timesteps 0..{len(self.alphas) - 1}")
+        if (labels is None) != (null_label is None):
+            raise FlexdiffError("class-conditional batches need both the labels and the model's null label")
         self.images, self.lo, self.hi, self.teacher = images, lo, hi, teacher
+        self.labels, self.null_label, self.label_dropout = labels, null_label, label_dropout
 
     def draw(self, n: int, gen: torch.Generator):
-        x0 = self.images[torch.randint(0, len(self.images), (n,), generator=gen)]
+        """(x_t, t, noise, teacher's prediction or None, extra UNet keyword arguments)."""
+        idx = torch.randint(0, len(self.images), (n,), generator=gen)
+        x0 = self.images[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(self.lo, self.hi + 1, (n,), generator=gen)
         a = self.alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
+        kwargs = {}
+        if self.labels is not None:
+            y = self.labels[idx].clone()
+            y[torch.rand(n, generator=gen) < self.label_dropout] = self.null_label
+            kwargs["class_labels"] = y
         target = None
         if self.teacher is not None:
             with torch.no_grad():
-                target = self.teacher(xt, t).sample
-        return xt, t, noise, target
+                target = self.teacher(xt, t, **kwargs).sample
+        return xt, t, noise, target, kwargs
 
 
 def denoise_loss(pred, noise, teacher_pred, distill: float):
@@ -130,8 +146,8 @@ def tune_static(model, batches: IntervalBatches, ckpt_path: Path, cfg: TuneConfi
     model.train().requires_grad_(True)
 
     def step_loss(gen):
-        xt, t, noise, target = batches.draw(cfg.batch_size, gen)
-        loss = denoise_loss(model(xt, t).sample, noise, target, cfg.distill)
+        xt, t, noise, target, kw = batches.draw(cfg.batch_size, gen)
+        loss = denoise_loss(model(xt, t, **kw).sample, noise, target, cfg.distill)
         loss.backward()
         return loss.detach()
 
@@ -148,11 +164,11 @@ def tune_elastic(elastic, batches: IntervalBatches, ckpt_path: Path, cfg: TuneCo
     unet.train().requires_grad_(True)
 
     def step_loss(gen):
-        xt, t, noise, target = batches.draw(cfg.batch_size, gen)
+        xt, t, noise, target, kw = batches.draw(cfg.batch_size, gen)
         specs = [elastic.full, elastic.smallest()] + [elastic.random_spec(gen) for _ in range(random_per_step)]
         total = 0.0
         for spec in specs:
-            loss = denoise_loss(elastic(xt, t, spec=spec).sample, noise, target, cfg.distill) / len(specs)
+            loss = denoise_loss(elastic(xt, t, spec=spec, **kw).sample, noise, target, cfg.distill) / len(specs)
             loss.backward()  # gradients of all sub-networks add up on the shared full weights
             total += float(loss.detach())
         return torch.tensor(total)
@@ -175,9 +191,9 @@ def taylor_importance(elastic, batches: IntervalBatches, num_batches: int = 8, b
     unet.requires_grad_(True)
     try:
         for _ in range(num_batches):
-            xt, t, noise, _ = batches.draw(batch_size, gen)
+            xt, t, noise, _, kw = batches.draw(batch_size, gen)
             unet.zero_grad(set_to_none=True)
-            F.mse_loss(unet(xt, t).sample, noise).backward()
+            F.mse_loss(unet(xt, t, **kw).sample, noise).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     acc[n] += (p.detach() * p.grad).abs()

@@ -100,7 +100,11 @@ def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def timestep_similarity(unet, images: torch.Tensor, scheduler_config: dict, timesteps: list[int],
                         seed: int = 0, progress=None) -> dict[str, np.ndarray]:
     """Similarity matrices between `timesteps` (both measures), on `images` with one fixed noise."""
+    from ..sampling import null_conditioning
+
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    null = null_conditioning(unet)  # a class-conditional model: its unconditional (null-label) denoiser
+    kwargs = null.model_kwargs(len(images)) if null is not None else {}
     params = [p for p in unet.parameters()]
     was = [p.requires_grad for p in params]
     feats, grads = [], []
@@ -114,7 +118,7 @@ def timestep_similarity(unet, images: torch.Tensor, scheduler_config: dict, time
         for t in timesteps:
             x_t = _noised(images, noise, t, scheduler_config)
             tt = torch.full((len(images),), t, dtype=torch.long)
-            loss = torch.nn.functional.mse_loss(unet(x_t, tt).sample, noise)
+            loss = torch.nn.functional.mse_loss(unet(x_t, tt, **kwargs).sample, noise)
             g = torch.autograd.grad(loss, params)
             grads.append(torch.cat([x.reshape(-1) for x in g]))
             feats.append(captured["h"].detach().reshape(len(images), -1))

@@ -101,15 +101,30 @@ def _guard(folder: Path, settings: dict) -> None:
         write_json(f, settings)
 
 
-def training_images(model: LoadedModel, images: torch.Tensor | None) -> torch.Tensor:
-    """The images to fine-tune on: the given ones, or the digits for the default model (refused for others)."""
+def training_data(model: LoadedModel, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images to fine-tune on, and their class labels for a class-conditional model.
+
+    The given images, or the digits (train split, with labels) for digits-shaped models. A
+    class-conditional model needs labelled data, which only the digits provide here.
+    """
+    from ..sampling import num_classes
+
+    classes = num_classes(model.unet)
     if images is not None:
-        return images
+        if classes is not None:
+            raise FlexdiffError("this model is class-conditional: --data images carry no labels (only the built-in "
+                                "digits do)")
+        return images, None
     from ..data import load_digits_split
 
     if model.unet.config.in_channels != 1 or model.unet.config.sample_size != 16:
         raise FlexdiffError("this model is not the digits default: pass its training images (--data)")
-    return load_digits_split("train")[0]
+    images, labels = load_digits_split("train")
+    return images, (labels if classes is not None else None)
+
+
+def training_images(model: LoadedModel, images: torch.Tensor | None) -> torch.Tensor:
+    return training_data(model, images)[0]
 
 
 class ExpertsPipeline:
@@ -123,7 +138,7 @@ class ExpertsPipeline:
         cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress
         self.out = Path(out_dir)
-        self.images = training_images(model, images)
+        self.images, self.labels = training_data(model, images)
         self.teacher = model.unet.eval().requires_grad_(False)
         self._macs: dict[SubnetSpec, float] = {}
 
@@ -144,7 +159,11 @@ class ExpertsPipeline:
                               self.cfg.measure, self.cfg.k, self.cfg.k_max, self.cfg.seed, self.progress)
 
     def batches(self, lo: int, hi: int) -> IntervalBatches:
-        return IntervalBatches(self.images, self.model.scheduler_config, lo, hi, teacher=self.teacher)
+        from ..sampling import num_classes
+
+        null = num_classes(self.model.unet) if self.labels is not None else None
+        return IntervalBatches(self.images, self.model.scheduler_config, lo, hi, teacher=self.teacher,
+                               labels=self.labels, null_label=null)
 
     def tune_config(self, steps: int, seed_offset: int) -> TuneConfig:
         c = self.cfg

@@ -22,24 +22,47 @@ __all__ = ["Estimate", "QualityMeter"]
 
 
 class QualityMeter:
-    """Turns images into features and features into metrics against a real reference set."""
+    """Turns images into features and features into metrics against a real reference set.
+
+    With a `classify` function (the digits space) the headline is the class-balanced Fréchet
+    distance `cbfd` on standardised features, beside the class-histogram distance `class_tv`;
+    `fid`/`kid` are then computed on the `fid_columns` (the classic penultimate features). Without
+    one (Inception) the headline is `fid`. Paired metrics against the teacher use the headline's
+    space. Why: docs/metrics.md.
+    """
 
     def __init__(self, featurize: Callable[[torch.Tensor], np.ndarray], reference: torch.Tensor,
-                 name: str, n_boot: int = 200):
+                 name: str, n_boot: int = 200, classify: Callable[[np.ndarray], np.ndarray] | None = None,
+                 fid_columns: slice | None = None):
         self.featurize, self.name, self.n_boot = featurize, name, n_boot
+        self.classify, self.fid_columns = classify, fid_columns or slice(None)
         self.reference = featurize(reference)
+        self._mu = self.reference.mean(0)
+        self._sd = self.reference.std(0) + 1e-8
+        if classify is not None:
+            labels = classify(self.reference)
+            self.shares = np.bincount(labels, minlength=int(labels.max()) + 1) / len(labels)
+
+    @property
+    def headline(self) -> str:
+        """The metric that ranks: lower is better."""
+        return "cbfd" if self.classify is not None else "fid"
 
     @classmethod
     def for_model(cls, image_shape: tuple[int, ...], inception_weights: Path | None = None,
                   real_data: Path | None = None, n_boot: int = 200) -> "QualityMeter":
-        """The digits classifier space for digits-shaped models; Inception when weights are given."""
+        """The digits classifier space for digits-shaped models; Inception when weights are given.
+
+        The digits reference is the training split (the default model's data); the held-out
+        test split is the floor of docs/metrics.md.
+        """
         from ..data import DIGITS_RESOLUTION, load_digits_split, load_image_folder
 
         c, h, _ = image_shape
         if real_data is not None:
             reference = load_image_folder(real_data, h, channels=c)
         elif (c, h) == (1, DIGITS_RESOLUTION):
-            reference, _ = load_digits_split("all")
+            reference, _ = load_digits_split("train")
         else:
             raise FlexdiffError(
                 f"the model makes {c}x{h}x{h} images: pass --real-data DIR (real images to compare "
@@ -54,24 +77,63 @@ class QualityMeter:
                 f"the default feature space is a digits classifier (1x16x16); for {c}x{h}x{h} images "
                 "pass --inception-weights FILE"
             )
-        from .classifier import classifier_features, load_classifier
+        from .classifier import PENULTIMATE, classifier_statistics, classify_statistics, load_classifier
 
         clf = load_classifier()
-        return cls(lambda x: classifier_features(clf, x).numpy(), reference, "digits-classifier", n_boot)
+        return cls(lambda x: classifier_statistics(clf, x).numpy(), reference, "digits-classifier", n_boot,
+                   classify=lambda f: classify_statistics(clf, f), fid_columns=PENULTIMATE)
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         return self.featurize(images)
 
+    def standardised(self, feats: np.ndarray) -> np.ndarray:
+        """Features in units of the reference's per-feature spread (the headline's space)."""
+        return (feats - self._mu) / self._sd if self.classify is not None else feats
+
+    def quality(self, feats: np.ndarray) -> float:
+        """The headline metric's point value (no interval): for search fitness."""
+        from .fid import _stats, frechet_distance
+
+        ref = self.standardised(self.reference)
+        if self.classify is None:
+            return frechet_distance(*_stats(feats), *_stats(ref))
+        from .fid import class_weights
+
+        w = class_weights(self.classify(feats), self.shares)
+        return frechet_distance(*_stats(self.standardised(feats), w), *_stats(ref))
+
     def report(self, feats: np.ndarray, teacher: np.ndarray | None = None, kid: bool = True) -> dict[str, Estimate]:
-        """FID and KID against the real data; with the teacher's features (same noise, same order),
-        also the FID difference to the teacher (paired), rFID and the per-sample distance."""
+        """The headline and FID/KID against the real data; with the teacher's features (same noise,
+        same order), also the paired differences to the teacher, rFID and the per-sample distance."""
+        from .fid import class_histogram_tv
+
         if len(feats) < 2:
             raise FlexdiffError("need at least 2 samples to measure quality")
-        out = {"fid": fid_with_ci(feats, self.reference, self.n_boot)}
+        cols = self.fid_columns
+        out = {}
+        z, zref = self.standardised(feats), self.standardised(self.reference)
+        if self.classify is not None:
+            labels = self.classify(feats)
+            out["cbfd"] = fid_with_ci(z, zref, self.n_boot, labels=labels, shares=self.shares)
+            out["class_tv"] = class_histogram_tv(labels, self.shares, self.n_boot)
+        out["fid"] = fid_with_ci(feats[:, cols], self.reference[:, cols], self.n_boot)
         if kid:
-            out["kid"] = kid_with_ci(feats, self.reference)
+            out["kid"] = kid_with_ci(feats[:, cols], self.reference[:, cols])
         if teacher is not None:
-            out["fid_minus_teacher"] = paired_fid_difference(feats, teacher, self.reference, self.n_boot)
-            out["rfid"] = relative_fid(feats, teacher, self.n_boot)
-            out["teacher_distance"] = teacher_distance(feats, teacher)
+            zt = self.standardised(teacher)
+            if self.classify is not None:
+                out["cbfd_minus_teacher"] = paired_fid_difference(
+                    z, zt, zref, self.n_boot, labels=labels, teacher_labels=self.classify(teacher), shares=self.shares)
+            out["fid_minus_teacher"] = paired_fid_difference(feats[:, cols], teacher[:, cols],
+                                                             self.reference[:, cols], self.n_boot)
+            out["rfid"] = relative_fid(z, zt, self.n_boot)
+            out["teacher_distance"] = teacher_distance(z, zt)
         return out
+
+    def paired(self, feats: np.ndarray, other: np.ndarray) -> Estimate:
+        """Headline(feats) - headline(other), paired on shared noise (negative: `feats` is better)."""
+        z, zo, zref = self.standardised(feats), self.standardised(other), self.standardised(self.reference)
+        if self.classify is None:
+            return paired_fid_difference(z, zo, zref, self.n_boot)
+        return paired_fid_difference(z, zo, zref, self.n_boot, labels=self.classify(feats),
+                                     teacher_labels=self.classify(other), shares=self.shares)

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ class DigitsClassifier(nn.Module):
     """Three convolutions and two linear layers; `features` = the 64 values before the last ReLU.
 
     Taking them before the ReLU matters: after it, about half are always zero, which makes the
-    feature covariance singular (measured on a prototype, see DESIGN.md §3).
+    feature covariance singular (measured on a prototype, docs/metrics.md).
     """
 
     def __init__(self, in_channels: int = 1, feature_dim: int = FEATURE_DIM, num_classes: int = 10):
@@ -108,3 +109,37 @@ def classifier_features(model: DigitsClassifier, images: torch.Tensor, batch: in
     """Penultimate features of images in [-1, 1], as float64 for the statistics."""
     images = images.clamp(-1, 1)
     return torch.cat([model.features(images[i:i + batch]) for i in range(0, len(images), batch)]).double()
+
+
+# Layout of `classifier_statistics`: per-channel spatial mean and std of the three conv layers
+# (after their ReLU), then the 64 penultimate features.
+CONV_CHANNELS = (32, 64, 64)
+STATS_DIM = 2 * sum(CONV_CHANNELS)
+PENULTIMATE = slice(STATS_DIM, STATS_DIM + FEATURE_DIM)
+
+
+@torch.no_grad()
+def classifier_statistics(model: DigitsClassifier, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    """(N, 384) float64: conv-layer statistics (320) and penultimate features (64) of images in [-1, 1].
+
+    The penultimate features sit in ten tight class clusters, so a Fréchet distance on them
+    mostly counts samples per class. The conv layers' channel statistics describe strokes,
+    edges and texture within a class (noise raises them, blur lowers them): docs/metrics.md.
+    """
+    out = []
+    for i in range(0, len(images), batch):
+        h = images[i:i + batch].clamp(-1, 1)
+        parts = []
+        for k in (1, 3, 5):  # the ReLU after each conv
+            h = model.convs[k](model.convs[k - 1](h))
+            parts += [h.mean((2, 3)), h.std((2, 3))]
+        parts.append(model.embed(model.convs[7](model.convs[6](h))))
+        out.append(torch.cat(parts, 1))
+    return torch.cat(out).double()
+
+
+def classify_statistics(model: DigitsClassifier, feats: np.ndarray) -> np.ndarray:
+    """Predicted class of each row of `classifier_statistics` (from its penultimate part)."""
+    with torch.no_grad():
+        pen = torch.from_numpy(np.ascontiguousarray(feats[:, PENULTIMATE])).float()
+        return model.head(F.relu(pen)).argmax(1).numpy()

@@ -68,35 +68,73 @@ def _interval(value: float, boots: list[float], level: float) -> Estimate:
     return Estimate(float(value), float(value) - half, float(value) + half)
 
 
-def fid_with_ci(x: np.ndarray, ref: np.ndarray, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Estimate:
-    """FID of samples `x` against reference `ref`; percentile bootstrap over both sets."""
+def class_weights(labels: np.ndarray, shares: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Row weights that give each class the share it has in the reference (class balancing).
+
+    `counts`: how often each row is drawn (a bootstrap round); the weights keep their total, so
+    the covariance's n - 1 stays that of the sample. A class the samples lack cannot be restored:
+    the class histogram term reports it.
+    """
+    counts = np.ones(len(labels)) if counts is None else counts
+    per_class = np.bincount(labels, weights=counts, minlength=len(shares))
+    w = counts * shares[labels] / np.maximum(per_class[labels], 1e-12)
+    return w * counts.sum() / w.sum()
+
+
+def _weights(labels, shares, counts):
+    return counts if labels is None else class_weights(labels, shares, counts)
+
+
+def fid_with_ci(x: np.ndarray, ref: np.ndarray, n_boot: int = 200, level: float = 0.95, seed: int = 0,
+                labels: np.ndarray | None = None, shares: np.ndarray | None = None) -> Estimate:
+    """Fréchet distance of samples `x` to reference `ref`; bootstrap over both sets (normal interval).
+
+    With `labels` (each sample's predicted class) and `shares` (the reference's class shares), the
+    class-balanced distance: samples are reweighted to the reference's class mix, so that how
+    many samples fell in each class (multinomial noise, and a separate question) does not move it.
+    """
     rng = np.random.default_rng(seed)
     ref_stats = _stats(ref)
-    value = frechet_distance(*_stats(x), *ref_stats)
-    boots = [
-        frechet_distance(*_stats(x, _counts(rng, len(x))), *_stats(ref, _counts(rng, len(ref))))
-        for _ in range(n_boot)
-    ]
+    value = frechet_distance(*_stats(x, _weights(labels, shares, None)), *ref_stats)
+    boots = []
+    for _ in range(n_boot):
+        w = _weights(labels, shares, _counts(rng, len(x)))
+        boots.append(frechet_distance(*_stats(x, w), *_stats(ref, _counts(rng, len(ref)))))
     return _interval(value, boots, level)
 
 
 def paired_fid_difference(x: np.ndarray, teacher: np.ndarray, ref: np.ndarray, n_boot: int = 200,
-                          level: float = 0.95, seed: int = 0) -> Estimate:
-    """FID(x, ref) - FID(teacher, ref) where row i of `x` and `teacher` share initial noise.
+                          level: float = 0.95, seed: int = 0, labels: np.ndarray | None = None,
+                          teacher_labels: np.ndarray | None = None, shares: np.ndarray | None = None) -> Estimate:
+    """FD(x, ref) - FD(teacher, ref) where row i of `x` and `teacher` share initial noise.
 
     Both sets are resampled with the same indices in each bootstrap round, so the noise they
-    share cancels: the interval is far narrower than that of two independent FIDs.
+    share cancels: the interval is far narrower than that of two independent FIDs. With labels
+    and shares, both distances are class-balanced (see `fid_with_ci`).
     """
     if len(x) != len(teacher):
         raise ValueError("paired samples need equal counts")
     rng = np.random.default_rng(seed)
-    value = fid(x, ref) - fid(teacher, ref)
-    boots = []
-    for _ in range(n_boot):
-        w, wr = _counts(rng, len(x)), _counts(rng, len(ref))
-        r = _stats(ref, wr)
-        boots.append(frechet_distance(*_stats(x, w), *r) - frechet_distance(*_stats(teacher, w), *r))
+    ones = np.ones(len(x))
+
+    def diff(w, r):
+        return (frechet_distance(*_stats(x, _weights(labels, shares, w)), *r)
+                - frechet_distance(*_stats(teacher, _weights(teacher_labels, shares, w)), *r))
+
+    value = diff(ones, _stats(ref))
+    boots = [diff(_counts(rng, len(x)), _stats(ref, _counts(rng, len(ref)))) for _ in range(n_boot)]
     return _interval(value, boots, level)
+
+
+def class_histogram_tv(labels: np.ndarray, shares: np.ndarray, n_boot: int = 200, level: float = 0.95,
+                       seed: int = 0) -> Estimate:
+    """Total variation between the samples' class histogram and the reference's shares (0: same mix)."""
+    def tv(lab):
+        return 0.5 * float(np.abs(np.bincount(lab, minlength=len(shares)) / len(lab) - shares).sum())
+
+    rng = np.random.default_rng(seed)
+    boots = [tv(labels[rng.integers(0, len(labels), len(labels))]) for _ in range(n_boot)]
+    return _interval(tv(labels), boots, level)
 
 
 def relative_fid(x: np.ndarray, teacher: np.ndarray, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Estimate:

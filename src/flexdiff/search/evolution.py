@@ -25,7 +25,7 @@ from ..schedule import Schedule
 
 STATE_FILE = "search_state.json"
 METRIC_LABELS = {"distance": "per-sample distance to the teacher", "rfid": "rFID to the teacher's samples",
-                 "fid": "FID vs real data"}
+                 "fid": "quality vs real data (FID; digits: class-balanced FD)"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class SearchConfig:
     seed: int = 0
     crossover_rate: float = 0.7
     teacher_steps: int = 100
+    labels: tuple[int, ...] = ()  # class-conditional models: sample labels (cycled); () = unconditional
+    guidance: float = 1.0  # classifier-free guidance scale of the teacher and every candidate
 
     def check(self) -> None:
         if self.budget is None and not self.pareto:
@@ -311,14 +313,15 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     from ..cost import measure_step_costs
     from .fitness import Fitness
 
-    costs = costs or measure_step_costs(model.unet)
+    costs = costs or measure_step_costs(model.unet, guidance=cfg.guidance != 1.0)
     space.validate(len(costs.partial))
     cfg.check()
     teacher = Schedule.full("ddim", cfg.teacher_steps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
-                      teacher_cache or out_dir, batch_size=batch_size, progress=progress)
+                      teacher_cache or out_dir, batch_size=batch_size, progress=progress,
+                      labels=cfg.labels, guidance=cfg.guidance)
     return Search(space, costs, costs.schedule_macs(teacher), fitness, cfg, out_dir, progress)
 
 

@@ -14,7 +14,7 @@ from ..io import save_safetensors
 from ..metrics import QualityMeter
 from ..metrics.fid import fid
 from ..models import LoadedModel
-from ..sampling import initial_noise, sample
+from ..sampling import class_conditioning, initial_noise, sample
 from ..schedule import Schedule
 
 METRICS = ("rfid", "distance", "fid")
@@ -23,32 +23,38 @@ METRICS = ("rfid", "distance", "fid")
 class Fitness:
     """Scores schedules on one fixed set of initial noises (lower is better).
 
-    - rfid: FID between the candidate's samples and the teacher's from the same noise
-      (Flexiffusion's relative FID);
+    - rfid: Fréchet distance between the candidate's samples and the teacher's from the same
+      noise (Flexiffusion's relative FID);
     - distance: mean per-sample feature distance to the teacher (cheaper to estimate well);
-    - fid: FID against the real data (AutoDiffusion's fitness).
+    - fid: the meter's headline quality against the real data (AutoDiffusion's fitness: FID; on
+      the digits, the class-balanced distance of docs/metrics.md).
+    rfid and distance use the meter's standardised features.
     The teacher's features are computed once and stored in `workdir`.
     """
 
     def __init__(self, model: LoadedModel, meter: QualityMeter, teacher: Schedule, metric: str,
-                 samples: int, seed: int, workdir: Path, batch_size: int = 256, progress=None):
+                 samples: int, seed: int, workdir: Path, batch_size: int = 256, progress=None,
+                 labels: tuple[int, ...] = (), guidance: float = 1.0):
         if metric not in METRICS:
             raise FlexdiffError(f"--metric {metric!r}: accepted values are {', '.join(METRICS)}")
         self.model, self.meter, self.metric, self.batch_size = model, meter, metric, batch_size
         self.progress = progress
         c = model.unet.config
         self.noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
-        path = Path(workdir) / f"teacher-{teacher.num_steps}-{samples}-{seed}.safetensors"
-        if path.exists():
-            self.teacher = load_file(path)["features"].numpy()
-        else:
+        self.cond = class_conditioning(model.unet, tuple(labels), samples, guidance)
+        tag = f"-labels{'_'.join(map(str, labels))}-g{guidance:g}" if labels else ""
+        path = Path(workdir) / f"teacher-{teacher.num_steps}-{samples}-{seed}{tag}.safetensors"
+        stored = load_file(path)["features"].numpy() if path.exists() else None
+        if stored is not None and stored.shape == (samples, meter.reference.shape[1]):
+            self.teacher = stored
+        else:  # none yet, or from another feature space
             images = self._images(teacher, "teacher")
             self.teacher = meter.features(images)
             save_safetensors(path, {"features": torch.from_numpy(self.teacher)})
 
     def _images(self, schedule: Schedule, description: str) -> torch.Tensor:
         return sample(self.model.unet, self.model.scheduler_config, schedule, self.noise, self.batch_size,
-                      progress=self.progress, description=description).images
+                      cond=self.cond, progress=self.progress, description=description).images
 
     def features(self, schedule: Schedule) -> np.ndarray:
         return self.meter.features(self._images(schedule, schedule.describe()))
@@ -56,11 +62,12 @@ class Fitness:
     def score(self, feats: np.ndarray, metric: str | None = None) -> float:
         """The fitness of features drawn on the evaluation noise (by this fitness's metric, or `metric`)."""
         metric = metric or self.metric
+        if metric == "fid":
+            return self.meter.quality(feats)
+        z, zt = self.meter.standardised(feats), self.meter.standardised(self.teacher)
         if metric == "rfid":
-            return fid(feats, self.teacher)
-        if metric == "distance":
-            return float(np.linalg.norm(feats - self.teacher, axis=1).mean())
-        return fid(feats, self.meter.reference)
+            return fid(z, zt)
+        return float(np.linalg.norm(z - zt, axis=1).mean())
 
     def __call__(self, schedule: Schedule) -> tuple[float, float]:
         """(fitness, seconds spent evaluating)."""

@@ -10,7 +10,6 @@ import numpy as np
 from ..cost import measure_step_costs
 from ..io import save_figure, write_json, write_text
 from ..metrics import QualityMeter
-from ..metrics.fid import fid
 from ..models import LoadedModel
 from ..sampling import initial_noise, sample
 from ..schedule import Schedule
@@ -66,7 +65,7 @@ def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidat
         t_dist = time.perf_counter() - t1 + t_feat
         t2 = time.perf_counter()
         imgs = sample(model.unet, model.scheduler_config, s, big_noise, progress=progress, description="real FID").images
-        real = fid(meter.features(imgs), meter.reference)
+        real = meter.quality(meter.features(imgs))
         t_real = time.perf_counter() - t2
         rows.append(dict(schedule=s.to_dict(), macs=costs.schedule_macs(s), rfid=rfid, distance=dist,
                          real_fid=real, seconds=dict(rfid=t_rfid, distance=t_dist, real_fid=t_real)))
