@@ -49,3 +49,21 @@ def tiny_model_dir(tmp_path, sched_cfg):
     from flexdiff.models import save_model
 
     return save_model(tiny_unet(), sched_cfg, tmp_path / "tiny_model")
+
+
+def tiny_class_unet(seed: int = 0, classes: int = 3) -> UNet2DModel:
+    """The tiny UNet, class-conditional: `classes` labels plus the null label (the default's layout)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
+        layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=classes + 1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def class_model_dir(tmp_path, sched_cfg):
+    from flexdiff.models import save_model
+
+    return save_model(tiny_class_unet(), sched_cfg, tmp_path / "tiny_class_model")

@@ -81,3 +81,55 @@ def test_classifier_features_are_penultimate_and_pre_relu():
     assert (f < 0).any()  # taken before the ReLU
     logits = model.head(torch.relu(f.float()))
     assert torch.allclose(logits, model(x), atol=1e-5)
+
+
+def test_class_weights_restore_the_reference_mix():
+    from flexdiff.metrics.fid import class_weights
+
+    labels = np.array([0] * 30 + [1] * 10)
+    shares = np.array([0.5, 0.5])
+    w = class_weights(labels, shares)
+    assert w.sum() == pytest.approx(len(labels))
+    assert w[labels == 0].sum() == pytest.approx(w[labels == 1].sum())
+
+
+def test_balanced_distance_ignores_the_class_mix_plain_fid_does_not():
+    """Two classes far apart: drawing them 3:1 instead of 1:1 moves FID a lot, the balanced distance little."""
+    rng = np.random.default_rng(0)
+    centre = np.zeros(8)
+    centre[0] = 10.0
+
+    def draw(n0, n1):
+        x = np.concatenate([rng.normal(size=(n0, 8)), rng.normal(size=(n1, 8)) + centre])
+        return x, np.array([0] * n0 + [1] * n1)
+
+    ref, _ = draw(2000, 2000)
+    shares = np.array([0.5, 0.5])
+    skewed, lab = draw(1500, 500)
+    plain = fid_with_ci(skewed, ref, n_boot=20).value
+    balanced = fid_with_ci(skewed, ref, n_boot=20, labels=lab, shares=shares).value
+    assert plain > 10 * balanced
+    assert balanced < 0.5
+
+
+def test_headline_metric_invariants():
+    """On the shipped classifier's space: identical sets score 0, noise and blur score worse, monotonically."""
+    from flexdiff.data import load_digits_split
+    from flexdiff.metrics import QualityMeter
+    from flexdiff.metrics.study import add_noise, gaussian_blur
+
+    meter = QualityMeter.for_model((1, 16, 16), n_boot=20)
+    assert meter.headline == "cbfd"
+    test, _ = load_digits_split("test")
+    f = meter.features(test)
+    rep = meter.report(f, f, kid=False)
+    assert rep["cbfd_minus_teacher"].value == pytest.approx(0.0, abs=1e-9)
+    assert rep["rfid"].value == pytest.approx(0.0, abs=1e-4)  # eigenvalue round-off in 384 dimensions
+    assert rep["teacher_distance"].value == 0.0
+    assert meter.quality(meter.reference) == pytest.approx(0.0, abs=1e-4)
+    scores = [meter.quality(meter.features(add_noise(test, s))) for s in (0.0, 0.05, 0.1, 0.2)]
+    assert scores == sorted(scores) and scores[-1] > 5 * scores[0]
+    blurred = [meter.quality(meter.features(gaussian_blur(test, s))) for s in (0.5, 0.75, 1.0)]
+    assert scores[0] < blurred[0] < blurred[1] < blurred[2]
+    degraded = meter.report(meter.features(add_noise(test, 0.1)), f, kid=False)
+    assert degraded["cbfd_minus_teacher"].lo > 0  # the paired difference resolves it

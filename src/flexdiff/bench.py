@@ -161,7 +161,11 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
                                Schedule.deepcache("ddim", t, n, 0), str(path)))
         return rows
 
+    from .models import default_model_dir
+
     for name in cfg.mixtures:
+        if name == "default" and Path(model.path).resolve() != default_model_dir().resolve():
+            continue  # the shipped mixture was pruned from the shipped model: it is no peer of another model
         path = default_mixture_dir() if name == "default" else Path(name)
         label = "mixture of experts (shipped)" if name == "default" else f"mixture {path.name}"
         out += with_schedule(label, path)

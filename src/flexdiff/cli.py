@@ -494,6 +494,31 @@ def proxy_study_cmd(
     console.print(proxy_table(res), highlight=False, soft_wrap=True, markup=False)
 
 
+@app.command("metric-study")
+@user_errors
+def metric_study_cmd(
+    out: Path = typer.Option(Path("runs/metric-study"), "--out", help="Folder for study.md, study.json, study.png."),
+    model: Optional[Path] = ModelOpt,
+    samples: int = typer.Option(1000, min=10, help="Model samples per DDIM level (same noise for every level)."),
+    main_samples: int = typer.Option(500, min=10, help="The main job's sample count, for check (c)."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Does the quality metric rank? Floor, noise / blur / DDIM-steps responses and resolution (docs/metrics.md)."""
+    from .metrics import QualityMeter
+    from .metrics.study import run_study, study_table
+    from .models import load_model
+
+    _threads(threads)
+    loaded = load_model(model)
+    c = loaded.unet.config
+    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
+    with progress_bar() as progress:
+        res = run_study(loaded, meter, out, samples, main_samples, seed, progress=progress)
+    console.print(study_table(res), highlight=False, soft_wrap=True, markup=False)
+    console.print(f"wrote {out}/study.md, study.json, study.png", markup=False)
+
+
 @app.command("train-classifier")
 @user_errors
 def train_classifier_cmd(

@@ -1,0 +1,126 @@
+"""Is the default model converged? The model card's check, from a training run with snapshots.
+
+    .venv/bin/python scripts/convergence.py --run runs/default-cond --ship 6000 --extended 9000
+
+The run must have been trained with `--lr-schedule constant --snapshot-every N` (see the model
+card). The check: the model at `--extended` steps (50% more training) against the one at
+`--ship`, on the same initial noise (DDIM-100, unconditional), in the headline metric (cbFD)
+and the classic FID. Converged = the paired difference's 95% interval contains 0 and the change
+is within the shipped model's own interval. Also writes the loss curve and the cbFD of every
+snapshot (DDIM-20, fewer samples: the trend, not the verdict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexdiff.io import save_figure, write_json, write_text
+from flexdiff.metrics import QualityMeter
+from flexdiff.models import load_model
+from flexdiff.sampling import initial_noise, sample
+from flexdiff.schedule import Schedule
+
+
+def _half(e) -> float:
+    return (e.hi - e.lo) / 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--ship", type=int, required=True)
+    ap.add_argument("--extended", type=int, required=True)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--curve-samples", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=Path("runs/convergence"))
+    args = ap.parse_args()
+
+    meter = QualityMeter.for_model((1, 16, 16))
+    snap = lambda step: args.run / "snapshots" / f"step-{step:06d}"  # noqa: E731
+    noise = initial_noise(args.samples, (1, 16, 16), args.seed)
+    feats = {}
+    for step in (args.ship, args.extended):
+        m = load_model(snap(step))
+        feats[step] = meter.features(sample(m.unet, m.scheduler_config, Schedule.full("ddim", 100), noise).images)
+    ship, ext = (meter.report(feats[s], kid=False) for s in (args.ship, args.extended))
+    paired = meter.paired(feats[args.extended], feats[args.ship])
+    from flexdiff.metrics.fid import paired_fid_difference
+
+    cols = meter.fid_columns
+    paired_fid = paired_fid_difference(feats[args.extended][:, cols], feats[args.ship][:, cols],
+                                       meter.reference[:, cols], meter.n_boot)
+    checks = dict(
+        cbfd_change_within_interval=bool(abs(ext["cbfd"].value - ship["cbfd"].value) <= _half(ship["cbfd"])),
+        paired_cbfd_contains_zero=bool(paired.lo <= 0 <= paired.hi),
+        fid_change_within_interval=bool(abs(ext["fid"].value - ship["fid"].value) <= _half(ship["fid"])),
+        paired_fid_contains_zero=bool(paired_fid.lo <= 0 <= paired_fid.hi),
+    )
+
+    # the trend over every snapshot, and the loss curve
+    steps = sorted(int(p.name.split("-")[1]) for p in (args.run / "snapshots").glob("step-*"))
+    small = noise[:args.curve_samples]
+    curve = []
+    for step in steps:
+        m = load_model(snap(step))
+        f = meter.features(sample(m.unet, m.scheduler_config, Schedule.full("ddim", 20), small).images)
+        curve.append(dict(step=step, cbfd=meter.report(f, kid=False)["cbfd"].to_dict()))
+    losses = json.loads((args.run / "losses.json").read_text())
+    summary = json.loads((args.run / "training_summary.json").read_text())
+
+    result = dict(ship=args.ship, extended=args.extended, samples=args.samples, seed=args.seed,
+                  shipped={k: v.to_dict() for k, v in ship.items()}, extended_metrics={k: v.to_dict() for k, v in ext.items()},
+                  paired_cbfd_extended_minus_ship=paired.to_dict(), paired_fid_extended_minus_ship=paired_fid.to_dict(),
+                  checks=checks, converged=all(checks.values()), curve=curve, curve_samples=args.curve_samples,
+                  wall_time_s=summary["wall_time_s"], total_steps=len(losses))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "convergence.json", result)
+
+    def fmt(e):
+        return f"{e.value:.2f} ± {_half(e):.2f}"
+
+    md = [f"DDIM-100, unconditional, {args.samples} samples on the same noise (seed {args.seed}), 95% intervals.", "",
+          "| model | cbFD | FID (penultimate) | class TV |", "|---|---|---|---|",
+          f"| step {args.ship} (shipped) | {fmt(ship['cbfd'])} | {fmt(ship['fid'])} | {fmt(ship['class_tv'])} |",
+          f"| step {args.extended} (+{100 * (args.extended - args.ship) / args.ship:.0f}%) | {fmt(ext['cbfd'])} "
+          f"| {fmt(ext['fid'])} | {fmt(ext['class_tv'])} |", "",
+          f"Paired, step {args.extended} − step {args.ship}: cbFD {fmt(paired)}, FID {fmt(paired_fid)}.", ""]
+    md += [f"- {k.replace('_', ' ')}: {'yes' if v else 'NO'}" for k, v in checks.items()]
+    md += ["", f"Converged: {'yes' if result['converged'] else 'NO'}."]
+    write_text(args.out / "convergence.md", "\n".join(md) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    w = 100
+    smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+    a.plot(np.arange(len(losses)), losses, color="lightgray", lw=0.5, label="per step")
+    a.plot(np.arange(w - 1, len(losses)), smooth, color="black", lw=1, label=f"mean of {w}")
+    a.set_ylim(0, max(0.06, float(np.percentile(losses, 99))))
+    a.set_xlabel("step")
+    a.set_ylabel("training loss (MSE on ε)")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    ys = [c["cbfd"]["value"] for c in curve]
+    err = [[c["cbfd"]["value"] - c["cbfd"]["lo"] for c in curve], [c["cbfd"]["hi"] - c["cbfd"]["value"] for c in curve]]
+    b.errorbar(steps, ys, yerr=err, fmt="o-", capsize=3)
+    for s in (args.ship, args.extended):
+        b.axvline(s, color="gray", ls="--", lw=0.8)
+    b.set_xlabel("step (EMA snapshot)")
+    b.set_ylabel(f"cbFD, DDIM-20, {args.curve_samples} samples")
+    b.grid(alpha=0.3)
+    fig.suptitle("Default model training: loss and sample quality")
+    save_figure(args.out / "training.png", fig)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
