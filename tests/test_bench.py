@@ -65,3 +65,17 @@ def test_bench_builds_mixtures_with_their_baselines(tiny_model_dir, tmp_path):
     again = run_bench(model, replace(cfg, expert_budgets=(), mixtures=(str(folder),)), tmp_path / "c", meter)
     assert [r["family"] for r in again["rows"]] == ["teacher", "experts", "experts+schedule"]
     assert again["rows"][1]["metrics"] == rows["experts"]["metrics"]
+
+
+def test_bench_keeps_schedules_that_differ_only_in_timesteps(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(CFG, search_budgets=(), ddim_steps=(), dpm_steps=(), deepcache_branches=(), deepcache_nonuniform=())
+    a = Schedule("dpmsolver++", (FULL, FULL, FULL), timesteps=(999, 500, 100), name="a")
+    b = Schedule("dpmsolver++", (FULL, FULL, FULL), timesteps=(999, 600, 300), name="b")
+    result = run_bench(load_model(tiny_model_dir), cfg, tmp_path / "b", QualityMeter.for_model((1, 16, 16), n_boot=10),
+                       (a, b))
+    rows = {r["method"]: r for r in result["rows"]}
+    assert {"a", "b"} <= set(rows)
+    assert len(list((tmp_path / "b" / "cache").glob("*.safetensors"))) == 3  # teacher, a, b: none merged
+    assert rows["a"]["metrics"]["teacher_distance"] != rows["b"]["metrics"]["teacher_distance"]

@@ -95,7 +95,7 @@ class BenchConfig:
 
 PRESETS = {
     # the README's main job: about 6 minutes on 2 cores
-    "quick": BenchConfig(samples=500, ddim_steps=(10, 20), dpm_steps=(5, 10), deepcache_intervals=(3, 5),
+    "quick": BenchConfig(samples=500, ddim_steps=(10, 20, 50), dpm_steps=(5, 10), deepcache_intervals=(3, 5),
                          deepcache_branches=(0, 2), deepcache_nonuniform=(5,), search_budgets=(1 / 16,),
                          search_population=12, search_generations=6, search_eval_samples=128,
                          mixtures=("default",)),
@@ -113,8 +113,7 @@ def _model_fingerprint(model: LoadedModel) -> str:
 
 
 def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
-    blob = json.dumps([fingerprint, method.schedule.to_dict()["steps"], method.schedule.sampler,
-                       cfg.samples, cfg.seed, cfg.batch_size]
+    blob = json.dumps([fingerprint, method.schedule.key(), cfg.samples, cfg.seed, cfg.batch_size]
                       + ([list(cfg.labels), cfg.guidance] if cfg.labels else []), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -198,7 +197,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             other = load_model(m.model)
             models[m.model] = (other, measure_step_costs(other.unet, guidance=guided), _model_fingerprint(other))
         m.schedule.check_fits(len(models[m.model][1].partial))
-        key = (models[m.model][2], json.dumps(m.schedule.to_dict()["steps"]), m.schedule.sampler)
+        key = (models[m.model][2], m.schedule.key())  # sampler, timesteps and steps: what runs
         if key not in seen:  # e.g. a baseline that came out the same at two budgets: one row
             seen.add(key)
             unique.append(m)
