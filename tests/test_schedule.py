@@ -65,3 +65,12 @@ def test_step_validation():
         Step(StepKind.PARTIAL, None)
     with pytest.raises(FlexdiffError):
         Step(StepKind.FULL, 1)
+
+
+def test_unknown_schedule_field_is_refused_by_name():
+    from flexdiff.errors import FlexdiffError
+
+    d = Schedule.full("ddim", 3).to_dict()
+    d["stepz"] = d["steps"]
+    with pytest.raises(FlexdiffError, match="unknown field 'stepz'"):
+        Schedule.from_dict(d, "my.json")

@@ -15,6 +15,7 @@ from .io import read_json, write_json
 
 SAMPLERS = ("ddim", "dpmsolver++", "euler")
 SCHEDULE_FORMAT = 1
+SCHEDULE_FIELDS = frozenset({"format", "name", "sampler", "num_steps", "steps", "timesteps", "meta"})
 
 
 class StepKind(str, Enum):
@@ -152,8 +153,12 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "schedule") -> "Schedule":
+        """Parse and validate; every error names `where`, the field and what it accepts."""
         if not isinstance(data, dict):
             raise FlexdiffError(f"{where}: expected a JSON object")
+        unknown = sorted(set(data) - SCHEDULE_FIELDS)
+        if unknown:  # a typo ("stepz") must not pass unnoticed
+            raise FlexdiffError(f"{where}: unknown field {unknown[0]!r}; accepted fields: {', '.join(sorted(SCHEDULE_FIELDS))}")
         for key in ("sampler", "steps"):
             if key not in data:
                 raise FlexdiffError(f"{where}: missing field {key!r}")
