@@ -128,3 +128,10 @@ def test_error_text_with_brackets_is_printed_verbatim(tiny_model_dir, tmp_path, 
     code, out = run("evaluate", "--model", tiny_model_dir, "--steps", 2, "--samples", 4,
                     "--inception-weights", weights)
     assert_user_error(code, out, "pip install 'flexdiff[inception]'")
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_threads_below_one_is_refused(tiny_model_dir, tmp_path, value):
+    code, out = run("sample", "--model", tiny_model_dir, "--threads", value, "--out", tmp_path / "g.png")
+    assert_user_error(code, out, f"--threads {value}", "at least 1")
+    assert not (tmp_path / "g.png").exists()

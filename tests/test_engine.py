@@ -1,5 +1,7 @@
 """Invariants of the step engine on tiny random UNets (an all-full schedule is the plain sampler; hooks come off cleanly)."""
 
+import copy
+
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline
@@ -222,3 +224,16 @@ def test_pipeline_with_wrong_step_count_or_scheduler_is_refused(unet, sched_cfg)
         with pytest.raises(FlexdiffError, match="made for dpmsolver\\+\\+"):
             pipe(batch_size=1, num_inference_steps=5, output_type="np")
     assert _no_flexdiff_hooks(unet)
+
+
+def test_timesteps_beyond_the_training_range_and_non_finite_samples_are_refused(unet, sched_cfg):
+    from flexdiff.errors import FlexdiffError
+
+    s = Schedule("dpmsolver++", (FULL, FULL), timesteps=(1500, 200))
+    with pytest.raises(FlexdiffError, match="beyond the model's training range 0..999"):
+        sample(unet, sched_cfg, s, _noise((1, 1, 16, 16)))
+    broken = copy.deepcopy(unet)
+    with torch.no_grad():
+        broken.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(FlexdiffError, match="not finite"):
+        sample(broken, sched_cfg, Schedule.full("ddim", 2), _noise((2, 1, 16, 16)))

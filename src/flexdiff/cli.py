@@ -71,7 +71,9 @@ def user_errors(fn):
 def _threads(threads: Optional[int]) -> None:
     import torch
 
-    if threads:
+    if threads is not None:
+        if threads < 1:
+            raise FlexdiffError(f"--threads {threads}: must be at least 1 (leave it out for torch's choice)")
         torch.set_num_threads(threads)
 
 

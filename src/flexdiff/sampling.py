@@ -159,6 +159,10 @@ def sample(
     if isinstance(first, UNet2DConditionModel) and cond is None:
         raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
     cond = cond if cond is not None else null_conditioning(unet)
+    n_train = int(scheduler_config.get("num_train_timesteps", 1000))
+    if schedule.timesteps is not None and max(schedule.timesteps) >= n_train:
+        raise FlexdiffError(f"schedule {schedule.name or schedule.describe()}: timestep {max(schedule.timesteps)} is "
+                            f"beyond the model's training range 0..{n_train - 1}")
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
     set_timesteps(scheduler, schedule)
     if len(scheduler.timesteps) != schedule.num_steps:
@@ -180,7 +184,12 @@ def sample(
     seconds = time.perf_counter() - t0
     if task is not None:
         progress.remove_task(task)
-    return SampleResult(images=torch.cat(outs), seconds=seconds, calls=calls)
+    images = torch.cat(outs)
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if bad:  # never hand NaN / inf images on as results
+        raise FlexdiffError(f"{schedule.describe()}: {bad} of {len(images)} samples are not finite (NaN or inf); "
+                            "the model or the schedule's timesteps do not fit together")
+    return SampleResult(images=images, seconds=seconds, calls=calls)
 
 
 def num_classes(unet) -> int | None:
