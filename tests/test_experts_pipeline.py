@@ -80,3 +80,15 @@ def test_cli_intervals_on_the_default(tmp_path):
     code, out = run("intervals", "--out", tmp_path / "i", "--timesteps", "6", "--images", "8", "--k", "2")
     assert code == 0, out
     assert "2 intervals" in out and (tmp_path / "i" / "intervals.json").exists()
+
+
+def test_stage_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
+    from flexdiff.models import save_model
+
+    from conftest import tiny_unet
+
+    small = {**SMALL, "sim_images": 8}
+    ExpertsPipeline(load_model(tiny_model_dir), tmp_path / "exp", ExpertsConfig(**small)).run(("intervals",))
+    other = load_model(save_model(tiny_unet(seed=3), {"num_train_timesteps": 1000}, tmp_path / "other"))
+    with pytest.raises(FlexdiffError, match="built from another model"):
+        ExpertsPipeline(other, tmp_path / "exp", ExpertsConfig(**small)).run(("intervals",))

@@ -77,3 +77,15 @@ def test_small_real_search_on_default_model(tmp_path):
                       "distance", 64, 1 + 10_000, tmp_path / "s")  # same evaluation noise, cached teacher
     ddim6, _ = fitness(Schedule.full("ddim", 6))  # plain DDIM at about the same cost (1/16.7)
     assert best.meta["fitness"] < ddim6
+
+
+def test_search_folder_of_another_model_is_refused(tiny_model_dir, tmp_path):
+    from flexdiff.models import save_model
+
+    from conftest import tiny_unet
+
+    other = save_model(tiny_unet(seed=5), {"num_train_timesteps": 1000}, tmp_path / "other")
+    code, out = run("search", "--model", tiny_model_dir, "--speedup", 2, "--out", tmp_path / "s", *SMALL)
+    assert code == 0, out
+    code, out = run("search", "--model", other, "--speedup", 2, "--out", tmp_path / "s", *SMALL)
+    assert_user_error(code, out, "a search on another model is stored here")

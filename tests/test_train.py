@@ -72,3 +72,9 @@ def test_train_cli_on_image_folder(tmp_path):
                                       "--steps", "2", "--batch-size", "2", "--resolution", "16"])
     assert result.exit_code == 0, result.output
     assert load_model(tmp_path / "m").unet.config.in_channels == 3
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    train(tiny_unet(), _images(), tmp_path / "d", CFG)
+    with pytest.raises(FlexdiffError, match="other data"):
+        train(tiny_unet(), _images() * 0.5, tmp_path / "d", CFG)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from .cost import measure_step_costs
 from .io import save_figure, save_safetensors, write_json, write_text
 from .metrics import QualityMeter
-from .models import LoadedModel
+from .models import LoadedModel, weights_fingerprint
 from .sampling import class_conditioning, initial_noise, sample
 from .schedule import Schedule
 
@@ -105,11 +105,7 @@ PRESETS = {
 
 
 def _model_fingerprint(model: LoadedModel) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.unet.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_fingerprint(model.unet)
 
 
 def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:

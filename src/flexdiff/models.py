@@ -139,3 +139,26 @@ def save_model(unet: UNet, scheduler_config: dict, out_dir: Path) -> Path:
     unet.save_pretrained(out_dir, safe_serialization=True)
     write_json(out_dir / "scheduler_config.json", scheduler_config)
     return out_dir
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of every parameter and buffer: part of a run's identity (what it runs on)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(*tensors: torch.Tensor | None) -> str:
+    """A short hash of training data (images, labels): part of a run's identity."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

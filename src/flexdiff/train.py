@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 
 from .errors import FlexdiffError
 from .io import load_checkpoint, torch_save, write_json
-from .models import DEFAULT_SCHEDULER_CONFIG, UNet2DModel, save_model
+from .models import DEFAULT_SCHEDULER_CONFIG, UNet2DModel, data_fingerprint, save_model
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,15 @@ def train(
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, losses, elapsed = 0, [], 0.0
 
+    data_fp = data_fingerprint(images, labels)
     ckpt_path = out_dir / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise FlexdiffError(f"{ckpt_path}: not a flexdiff training checkpoint; delete it or use another --out folder")
+        if ckpt.get("data", data_fp) != data_fp:
+            raise FlexdiffError(f"{ckpt_path}: this run was trained on other data (fingerprint {ckpt['data']}, now "
+                                f"{data_fp}); use the same --data to resume, or another --out folder")
         saved = TrainConfig(**ckpt["config"]) if isinstance(ckpt.get("config"), dict) else None
         if saved is None or saved.resume_key() != cfg.resume_key() or ckpt["step"] > cfg.steps:
             raise FlexdiffError(
@@ -158,6 +164,7 @@ def train(
                 model=unet.state_dict(),
                 ema=ema.state_dict(),
                 init=init,
+                data=data_fp,
                 optimizer=opt.state_dict(),
                 generator=gen.get_state(),
                 step=step,

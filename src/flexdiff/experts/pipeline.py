@@ -23,7 +23,7 @@ from ..cost import count_macs
 from ..engine import is_mixture
 from ..errors import FlexdiffError
 from ..io import read_json, save_safetensors, write_json
-from ..models import LoadedModel
+from ..models import LoadedModel, data_fingerprint, weights_fingerprint
 from ..sampling import make_scheduler
 from ..schedule import SAMPLERS
 from .agent import AgentConfig, SpecSpace, check_budget, train_agent
@@ -93,6 +93,12 @@ def _guard(folder: Path, settings: dict) -> None:
     f = folder / "settings.json"
     if f.exists():
         old = read_json(f, "the stage's settings")
+        if not isinstance(old, dict):
+            raise FlexdiffError(f"{f}: damaged (not a JSON object); delete this stage's folder to start it again")
+        for what in ("model", "data"):
+            if what in settings and old.get(what) != settings[what]:
+                raise FlexdiffError(f"{f}: this stage was built from another {what} (fingerprint {old.get(what)}, "
+                                    f"now {settings[what]}); use another --out folder or delete this stage's folder")
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise FlexdiffError(f"{f}: this stage was run with other settings {diff} (old, new); "
@@ -140,6 +146,8 @@ class ExpertsPipeline:
         self.out = Path(out_dir)
         self.images, self.labels = training_data(model, images)
         self.teacher = model.unet.eval().requires_grad_(False)
+        # what every stage is built from: a folder made from another model or other data is refused
+        self.identity = dict(model=weights_fingerprint(self.teacher), data=data_fingerprint(self.images, self.labels))
         self._macs: dict[SubnetSpec, float] = {}
 
     # ---- paths
@@ -150,7 +158,7 @@ class ExpertsPipeline:
     def intervals(self) -> Intervals:
         folder = self.out / "intervals"
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, self.cfg.stage_settings("intervals"))
+        _guard(folder, {**self.identity, **self.cfg.stage_settings("intervals")})
         if (folder / "intervals.json").exists():
             return Intervals.load(folder / "intervals.json")
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -174,7 +182,7 @@ class ExpertsPipeline:
         iv = self.intervals()
         folder = self.out / "elastic"
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, self.cfg.stage_settings("elastic"))
+        _guard(folder, {**self.identity, **self.cfg.stage_settings("elastic")})
         out = []
         for k, (lo, hi) in enumerate(iv.bounds()):
             d = folder / f"expert_{k}"
@@ -220,7 +228,7 @@ class ExpertsPipeline:
         elastics = self.elastic_experts() if not self._agent_done(budget) else None
         folder = self.budget_dir(budget) / "agent"
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, cfg.stage_settings("agent"))
+        _guard(folder, {**self.identity, **cfg.stage_settings("agent")})
         if self._agent_done(budget):
             return read_json(folder / "choice.json", "the agent's choice")
         space = self.spec_space(elastics[0])
@@ -258,7 +266,7 @@ class ExpertsPipeline:
         elastics = self.elastic_experts()
         folder = self.budget_dir(budget) / ("final" if name == "mixture" else f"final-{name}")
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, {**cfg.stage_settings("final"), "specs": [s.to_dict() for s in specs]})
+        _guard(folder, {**self.identity, **cfg.stage_settings("final"), "specs": [s.to_dict() for s in specs]})
         experts = []
         for k, ((lo, hi), spec, elastic) in enumerate(zip(iv.bounds(), specs, elastics)):
             d = folder / f"expert_{k}"
@@ -347,7 +355,7 @@ class ExpertsPipeline:
         steps = len(served) * (self.cfg.elastic_steps + self.cfg.final_steps)  # the experts' total
         folder = self.budget_dir(budget) / "pruned-training"
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, {**self.cfg.stage_settings("final"), "spec": spec.to_dict(), "steps": steps})
+        _guard(folder, {**self.identity, **self.cfg.stage_settings("final"), "spec": spec.to_dict(), "steps": steps})
         summary = tune_static(model, all_t, folder / "checkpoint.pt", self.tune_config(steps, 1000), self.progress,
                               "Diff-Pruning baseline")
         from ..models import save_model

@@ -78,7 +78,7 @@ def _rank_and_crowding(objs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class Search:
     def __init__(self, space, costs: StepCosts, teacher_macs: float, fitness: Callable[[Schedule], tuple[float, float]],
-                 cfg: SearchConfig, out_dir: Path, progress=None):
+                 cfg: SearchConfig, out_dir: Path, progress=None, model_fingerprint: str | None = None):
         cfg.check()
         self.space, self.costs, self.fitness, self.cfg = space, costs, fitness, cfg
         self.teacher_macs = teacher_macs
@@ -86,6 +86,8 @@ class Search:
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.identity = dict(config=asdict(cfg), space=space.to_dict())
+        if model_fingerprint is not None:  # what the search runs on, not only its settings
+            self.identity["model"] = model_fingerprint
 
     # --- state --------------------------------------------------------------------------
     def _fresh_state(self) -> dict:
@@ -100,6 +102,11 @@ class Search:
             state = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise FlexdiffError(f"{path}: damaged search state ({e}); remove it to start again") from None
+        if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
+            raise FlexdiffError(f"{path}: damaged search state (not a flexdiff search); remove it to start again")
+        if state["identity"].get("model") != self.identity.get("model"):
+            raise FlexdiffError(f"{path}: a search on another model is stored here (weights fingerprint "
+                                f"{state['identity'].get('model')}, now {self.identity.get('model')}); use another --out folder")
         if state.get("identity") != json.loads(json.dumps(self.identity)):
             raise FlexdiffError(
                 f"{path}: a search with other settings is stored here; use the same settings to resume, "
@@ -322,7 +329,10 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
                       teacher_cache or out_dir, batch_size=batch_size, progress=progress,
                       labels=cfg.labels, guidance=cfg.guidance)
-    return Search(space, costs, costs.schedule_macs(teacher), fitness, cfg, out_dir, progress)
+    from ..models import weights_fingerprint
+
+    return Search(space, costs, costs.schedule_macs(teacher), fitness, cfg, out_dir, progress,
+                  model_fingerprint=weights_fingerprint(model.unet))
 
 
 __all__ = ["Search", "SearchConfig", "SearchResult", "search_from_settings"]
