@@ -54,5 +54,19 @@ def test_evaluate_command_on_default_model(tmp_path):
                                       "--samples", "40", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())["metrics"]
-    assert {"fid", "kid", "fid_minus_teacher", "rfid", "teacher_distance"} <= set(metrics)
+    assert {"cbfd", "class_tv", "cbfd_minus_teacher", "fid", "kid", "fid_minus_teacher", "rfid",
+            "teacher_distance"} <= set(metrics)
     assert metrics["rfid"]["value"] > 0
+
+
+def test_default_model_follows_its_labels_with_guidance():
+    """The shipped model is class-conditional: asked for each digit in turn, with guidance, it draws that digit."""
+    from flexdiff.sampling import class_conditioning
+
+    m = load_model()
+    cond = class_conditioning(m.unet, tuple(range(10)), 50, guidance=2.0)
+    images = sample(m.unet, m.scheduler_config, Schedule.full("dpmsolver++", 10),
+                    initial_noise(50, (1, 16, 16), seed=321), cond=cond).images
+    with torch.no_grad():
+        predicted = load_classifier()(images.clamp(-1, 1)).argmax(1)
+    assert (predicted == cond.class_labels).float().mean() >= 0.9

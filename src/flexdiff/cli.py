@@ -242,7 +242,7 @@ def sample_cmd(
     with progress_bar() as progress:
         result = sample(loaded.unet, loaded.scheduler_config, sched, noise, cond=conditioning,
                         progress=progress, description=f"sampling {sched.describe()}")
-    save_grid(result.images, out)
+    save_grid(result.images, out, ncol=max(1, round(n ** 0.5)))  # 100 -> 10 x 10: with --labels all, one digit per column
     if save_tensors:
         from .io import save_safetensors
 
