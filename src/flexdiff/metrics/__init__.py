@@ -11,6 +11,10 @@ import torch
 from ..errors import FlexdiffError
 from .fid import (
     Estimate,
+    _stats,
+    class_histogram_tv,
+    class_weights,
+    frechet_distance,
     fid_with_ci,
     kid_with_ci,
     paired_fid_difference,
@@ -39,6 +43,7 @@ class QualityMeter:
         self.reference = featurize(reference)
         self._mu = self.reference.mean(0)
         self._sd = self.reference.std(0) + 1e-8
+        self.shares = None  # the reference's class shares, with a classifier
         if classify is not None:
             labels = classify(self.reference)
             self.shares = np.bincount(labels, minlength=int(labels.max()) + 1) / len(labels)
@@ -90,30 +95,26 @@ class QualityMeter:
         """Features in units of the reference's per-feature spread (the headline's space)."""
         return (feats - self._mu) / self._sd if self.classify is not None else feats
 
+    def labels(self, feats: np.ndarray) -> np.ndarray | None:
+        """Each sample's predicted class (None without a classifier: no class balancing)."""
+        return self.classify(feats) if self.classify is not None else None
+
     def quality(self, feats: np.ndarray) -> float:
         """The headline metric's point value (no interval): for search fitness."""
-        from .fid import _stats, frechet_distance
-
-        ref = self.standardised(self.reference)
-        if self.classify is None:
-            return frechet_distance(*_stats(feats), *_stats(ref))
-        from .fid import class_weights
-
-        w = class_weights(self.classify(feats), self.shares)
-        return frechet_distance(*_stats(self.standardised(feats), w), *_stats(ref))
+        labels = self.labels(feats)
+        w = class_weights(labels, self.shares) if labels is not None else None
+        return frechet_distance(*_stats(self.standardised(feats), w), *_stats(self.standardised(self.reference)))
 
     def report(self, feats: np.ndarray, teacher: np.ndarray | None = None, kid: bool = True) -> dict[str, Estimate]:
         """The headline and FID/KID against the real data; with the teacher's features (same noise,
         same order), also the paired differences to the teacher, rFID and the per-sample distance."""
-        from .fid import class_histogram_tv
-
         if len(feats) < 2:
             raise FlexdiffError("need at least 2 samples to measure quality")
         cols = self.fid_columns
         out = {}
         z, zref = self.standardised(feats), self.standardised(self.reference)
         if self.classify is not None:
-            labels = self.classify(feats)
+            labels = self.labels(feats)
             out["cbfd"] = fid_with_ci(z, zref, self.n_boot, labels=labels, shares=self.shares)
             out["class_tv"] = class_histogram_tv(labels, self.shares, self.n_boot)
         out["fid"] = fid_with_ci(feats[:, cols], self.reference[:, cols], self.n_boot)
@@ -122,8 +123,7 @@ class QualityMeter:
         if teacher is not None:
             zt = self.standardised(teacher)
             if self.classify is not None:
-                out["cbfd_minus_teacher"] = paired_fid_difference(
-                    z, zt, zref, self.n_boot, labels=labels, teacher_labels=self.classify(teacher), shares=self.shares)
+                out["cbfd_minus_teacher"] = self.paired(feats, teacher)
             out["fid_minus_teacher"] = paired_fid_difference(feats[:, cols], teacher[:, cols],
                                                              self.reference[:, cols], self.n_boot)
             out["rfid"] = relative_fid(z, zt, self.n_boot)
@@ -133,7 +133,5 @@ class QualityMeter:
     def paired(self, feats: np.ndarray, other: np.ndarray) -> Estimate:
         """Headline(feats) - headline(other), paired on shared noise (negative: `feats` is better)."""
         z, zo, zref = self.standardised(feats), self.standardised(other), self.standardised(self.reference)
-        if self.classify is None:
-            return paired_fid_difference(z, zo, zref, self.n_boot)
-        return paired_fid_difference(z, zo, zref, self.n_boot, labels=self.classify(feats),
-                                     teacher_labels=self.classify(other), shares=self.shares)
+        return paired_fid_difference(z, zo, zref, self.n_boot, labels=self.labels(feats),
+                                     teacher_labels=self.labels(other), shares=self.shares)
