@@ -284,7 +284,7 @@ def evaluate(
     loaded = load_model(model)
     sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch)
     c = loaded.unet.config
-    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size), inception_weights, real_data)
+    meter = QualityMeter.for_loaded(loaded, inception_weights, real_data)
     teacher = Schedule.full("ddim", teacher_steps)
     noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
     conditioning = _conditioning(loaded, None, labels, guidance, samples)
@@ -370,8 +370,7 @@ def bench(
     extra = tuple(Schedule.load(p) for p in schedule)
     loaded = load_model(model)
     cfg = dataclasses.replace(cfg, labels=_labels_tuple(loaded, labels, guidance), guidance=guidance)
-    c = loaded.unet.config
-    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size), inception_weights, real_data)
+    meter = QualityMeter.for_loaded(loaded, inception_weights, real_data)
     with progress_bar() as progress:
         result = run_bench(loaded, cfg, out, meter, extra, progress=progress)
     from .bench import markdown_table
@@ -449,8 +448,7 @@ def search(
     cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
                        eval_samples=eval_samples, metric=metric, seed=seed,
                        labels=_labels_tuple(loaded, labels, guidance), guidance=guidance)
-    c = loaded.unet.config
-    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
+    meter = QualityMeter.for_loaded(loaded)
     with progress_bar() as progress:
         s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress)
         result = s.run()
@@ -489,8 +487,7 @@ def proxy_study_cmd(
 
     _threads(threads)
     loaded = load_model(model)
-    c = loaded.unet.config
-    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
+    meter = QualityMeter.for_loaded(loaded)
     with progress_bar() as progress:
         res = proxy_study(loaded, meter, out, candidates, eval_samples, fid_samples, seed, progress=progress)
     console.print(proxy_table(res), highlight=False, soft_wrap=True, markup=False)
@@ -513,8 +510,7 @@ def metric_study_cmd(
 
     _threads(threads)
     loaded = load_model(model)
-    c = loaded.unet.config
-    meter = QualityMeter.for_model((c.in_channels, c.sample_size, c.sample_size))
+    meter = QualityMeter.for_loaded(loaded)
     with progress_bar() as progress:
         res = run_study(loaded, meter, out, samples, main_samples, seed, progress=progress)
     console.print(study_table(res), highlight=False, soft_wrap=True, markup=False)
