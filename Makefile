@@ -30,6 +30,7 @@ bench-full: $(STAMP)
 	$(BIN)/flexdiff bench --preset full --out runs/bench-full
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest -q
 
 clean:

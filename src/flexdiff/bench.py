@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from .cost import measure_step_costs
-from .io import save_figure, save_safetensors, write_json, write_text
+from .io import load_cache, save_figure, save_safetensors, write_json, write_text
 from .metrics import QualityMeter
 from .models import LoadedModel, weights_fingerprint
 from .sampling import class_conditioning, initial_noise, sample
@@ -208,8 +207,8 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     for m in methods:
         m_model, _, m_fp = models[m.model]
         path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"
-        if path.exists():
-            stored = load_file(path)
+        stored = load_cache(path)  # a truncated file from a killed run is redrawn
+        if stored is not None and stored.get("images") is not None and "seconds" in stored:
             images, seconds, resumed = stored["images"], float(stored["seconds"]), True
         else:
             r = sample(m_model.unet, m_model.scheduler_config, m.schedule, noise, cfg.batch_size,

@@ -64,8 +64,21 @@ def user_errors(fn):
         except FlexdiffError as e:
             console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
+        except OSError as e:  # the machine said no (disk full, permissions): the user's to fix, not a bug
+            where = f" {e.filename}" if e.filename else ""
+            console.print(f"[red]error:[/red] cannot read or write{escape(where)}: {escape(e.strerror or str(e))}",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
 
     return wrapper
+
+
+def _file_target(path: Optional[Path], option: str) -> None:
+    """Check a file the command will write, before any work; say so when it replaces one."""
+    from .outputs import check_file_target
+
+    if check_file_target(path, option):
+        console.print(f"note: {option} {path} exists and will be replaced", highlight=False, markup=False)
 
 
 def _threads(threads: Optional[int]) -> None:
@@ -86,7 +99,7 @@ def train(
     steps: int = typer.Option(2400, min=1, help="Optimiser steps (with --lr-schedule constant, a finished run can be extended by raising it)."),
     batch_size: int = typer.Option(128, min=1),
     lr: float = typer.Option(1e-3, min=0.0),
-    lr_schedule: str = typer.Option("cosine", help="cosine (decay to 10% at --steps) or constant (after warm-up)."),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (decay to 10% at --steps) or constant (after warm-up)."),
     warmup: int = typer.Option(200, min=1, help="Linear warm-up steps."),
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0),
     label_dropout: float = typer.Option(0.1, min=0.0, max=0.99, help="Share of labels replaced by the null label (class-conditional models)."),
@@ -99,23 +112,30 @@ def train(
     import time
 
     from .data import load_digits_split, load_image_folder
-    from .models import build_default_unet
+    from .models import DEFAULT_UNET_CONFIG, build_default_unet
     from .train import TrainConfig, train as run_train
 
+    from .outputs import check_folder_target, run_folder
+
     _threads(threads)
+    check_folder_target(out)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed,
+                      checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, label_dropout=label_dropout,
+                      snapshot_every=snapshot_every)
     labels = None
     if data is None:
         images, labels = load_digits_split("train")
         unet = build_default_unet(seed)
     else:
+        halvings = len(DEFAULT_UNET_CONFIG["block_out_channels"]) - 1
+        if resolution % 2 ** halvings:
+            raise FlexdiffError(f"--resolution {resolution}: the UNet halves the image {halvings} times; give a "
+                                f"multiple of {2 ** halvings}")
         images = load_image_folder(data, resolution)
         c = images.shape[1]
         unet = build_default_unet(seed, sample_size=resolution, in_channels=c, out_channels=c, num_class_embeds=None)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed,
-                      checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, label_dropout=label_dropout,
-                      snapshot_every=snapshot_every)
     t0 = time.perf_counter()
-    with progress_bar() as progress:
+    with run_folder(out), progress_bar() as progress:
         summary = run_train(unet, images, out, cfg, progress=progress, labels=labels)
     console.print(
         f"trained {steps} steps on {images.shape[0]} images; final loss {summary['final_loss_last200']:.4f}; "
@@ -134,16 +154,31 @@ def _parse_ints(text: str, option: str, minimum: int = 1) -> tuple[int, ...]:
 
 
 def _resolve_schedule(schedule: Optional[Path], sampler: str, steps: int,
-                      deepcache: Optional[int], branch: int):
+                      deepcache: Optional[int], branch: int, loaded):
+    """The schedule to run, checked against the model before any sampling."""
     from .schedule import SAMPLERS, Schedule
 
     if schedule is not None:
-        return Schedule.load(schedule)
-    if sampler not in SAMPLERS:
+        sched = Schedule.load(schedule)
+    elif sampler not in SAMPLERS:
         raise FlexdiffError(f"--sampler {sampler!r}: accepted values are {', '.join(SAMPLERS)}")
-    if deepcache:
-        return Schedule.deepcache(sampler, steps, deepcache, branch)
-    return Schedule.full(sampler, steps)
+    elif deepcache:
+        sched = Schedule.deepcache(sampler, steps, deepcache, branch)
+    else:
+        sched = Schedule.full(sampler, steps)
+    _check_schedule(sched, loaded, f"--schedule {schedule}" if schedule is not None else "")
+    return sched
+
+
+def _check_schedule(sched, loaded, where: str) -> None:
+    """Does `sched` run on this model (branches, timesteps)? The message names the file it came from."""
+    from .engine import num_branches
+
+    try:
+        sched.check_fits(num_branches(loaded.unet),
+                         num_train_timesteps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
+    except FlexdiffError as e:
+        raise FlexdiffError(f"{where}: {e}" if where else str(e)) from None
 
 
 def _load_cond(path: Optional[Path], guidance: float, model):
@@ -234,8 +269,12 @@ def sample_cmd(
     from .sampling import initial_noise, sample
 
     _threads(threads)
+    _file_target(out, "--out")
+    if out.suffix.lower() != ".png":
+        raise FlexdiffError(f"--out {out}: the sample grid is a PNG; give a name ending in .png")
+    _file_target(save_tensors, "--save-tensors")
     loaded = load_model(model)
-    sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch)
+    sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
     conditioning = _conditioning(loaded, cond, labels, guidance, n)
     c = loaded.unet.config
     noise = initial_noise(n, (c.in_channels, c.sample_size, c.sample_size), seed)
@@ -281,8 +320,9 @@ def evaluate(
     from .schedule import Schedule
 
     _threads(threads)
+    _file_target(out, "--out")
     loaded = load_model(model)
-    sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch)
+    sched = _resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
     c = loaded.unet.config
     meter = QualityMeter.for_loaded(loaded, inception_weights, real_data)
     teacher = Schedule.full("ddim", teacher_steps)
@@ -343,6 +383,7 @@ def bench(
     from .bench import PRESETS, run_bench
     from .metrics import QualityMeter
     from .models import load_model
+    from .outputs import check_folder_target, run_folder
     from .schedule import Schedule
 
     _threads(threads)
@@ -367,11 +408,17 @@ def bench(
     if mixture:
         overrides["mixtures"] = tuple(str(p) for p in mixture)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    extra = tuple(Schedule.load(p) for p in schedule)
+    check_folder_target(out)
     loaded = load_model(model)
+    extra = tuple(Schedule.load(p) for p in schedule)
+    for path, sched in zip(schedule, extra):  # named by file, before hours of searches and sampling
+        _check_schedule(sched, loaded, f"--schedule {path}")
+    for path in mixture:
+        if str(path) != "default":
+            load_model(path)  # a broken mixture folder is refused now, not after the searches
     cfg = dataclasses.replace(cfg, labels=_labels_tuple(loaded, labels, guidance), guidance=guidance)
     meter = QualityMeter.for_loaded(loaded, inception_weights, real_data)
-    with progress_bar() as progress:
+    with run_folder(out), progress_bar() as progress:
         result = run_bench(loaded, cfg, out, meter, extra, progress=progress)
     from .bench import markdown_table
 
@@ -416,9 +463,11 @@ def search(
     from .metrics import QualityMeter
     from .models import load_model
     from .schedule import SAMPLERS
+    from .outputs import check_folder_target, run_folder
     from .search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
 
     _threads(threads)
+    check_folder_target(out)
     if budget is not None and speedup is not None:
         raise FlexdiffError("give either --budget or --speedup, not both")
     if speedup is not None:
@@ -449,7 +498,7 @@ def search(
                        eval_samples=eval_samples, metric=metric, seed=seed,
                        labels=_labels_tuple(loaded, labels, guidance), guidance=guidance)
     meter = QualityMeter.for_loaded(loaded)
-    with progress_bar() as progress:
+    with run_folder(out), progress_bar() as progress:
         s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress)
         result = s.run()
     b = result.best
@@ -483,12 +532,14 @@ def proxy_study_cmd(
     """How well do rFID and the per-sample distance rank candidates against the real FID (Spearman), and how much faster are they?"""
     from .metrics import QualityMeter
     from .models import load_model
+    from .outputs import check_folder_target, run_folder
     from .search.proxy import proxy_study, proxy_table
 
     _threads(threads)
+    check_folder_target(out)
     loaded = load_model(model)
     meter = QualityMeter.for_loaded(loaded)
-    with progress_bar() as progress:
+    with run_folder(out), progress_bar() as progress:
         res = proxy_study(loaded, meter, out, candidates, eval_samples, fid_samples, seed, progress=progress)
     console.print(proxy_table(res), highlight=False, soft_wrap=True, markup=False)
 
@@ -507,11 +558,13 @@ def metric_study_cmd(
     from .metrics import QualityMeter
     from .metrics.study import run_study, study_table
     from .models import load_model
+    from .outputs import check_folder_target, run_folder
 
     _threads(threads)
+    check_folder_target(out)
     loaded = load_model(model)
     meter = QualityMeter.for_loaded(loaded)
-    with progress_bar() as progress:
+    with run_folder(out), progress_bar() as progress:
         res = run_study(loaded, meter, out, samples, main_samples, seed, progress=progress)
     console.print(study_table(res), highlight=False, soft_wrap=True, markup=False)
     console.print(f"wrote {out}/study.md, study.json, study.png", markup=False)
@@ -526,8 +579,9 @@ def train_classifier_cmd(
 ):
     """Train the digits classifier whose features define the default FID space (shipped in the package)."""
     from .metrics.classifier import train_classifier
+    from .outputs import run_folder
 
-    with progress_bar() as progress:
+    with run_folder(out), progress_bar() as progress:
         info = train_classifier(out, epochs=epochs, seed=seed, progress=progress)
     console.print(f"test accuracy {info['test_accuracy']:.4f} on {info['test_images']} images -> {out}")
 
@@ -562,16 +616,23 @@ def intervals_cmd(
     from .engine import is_mixture
     from .experts.intervals import find_intervals
     from .experts.pipeline import training_images
+    from .experts.intervals import MEASURES
     from .models import load_model
+    from .outputs import check_folder_target, run_folder
 
     _threads(threads)
+    check_folder_target(out)
+    if measure not in MEASURES:
+        raise FlexdiffError(f"--measure {measure!r}; accepted: {', '.join(MEASURES)}")
+    if k is not None and k > timesteps:
+        raise FlexdiffError(f"--k {k}: choose 1 to {timesteps} intervals (the number of sampled timesteps)")
     loaded = load_model(model)
     if is_mixture(loaded.unet):
         raise FlexdiffError(f"--model {loaded.path} is a mixture; give the teacher UNet")
     imgs = training_images(loaded, _training_images(data, loaded))
     g = torch.Generator().manual_seed(seed)
     imgs = imgs[torch.randperm(len(imgs), generator=g)[:images]]
-    with progress_bar() as progress:
+    with run_folder(out), progress_bar() as progress:
         iv = find_intervals(loaded.unet, imgs, loaded.scheduler_config, out, timesteps, measure, k, k_max, seed,
                             progress)
     console.print(f"{iv.k} intervals ({iv.meta['k_rule']}): " + ", ".join(f"[{a}, {b}]" for a, b in iv.bounds())
@@ -606,16 +667,20 @@ def experts_cmd(
 
     from .experts.pipeline import STAGES, ExpertsConfig, ExpertsPipeline
     from .models import load_model
+    from .outputs import check_folder_target, run_folder
 
     _threads(threads)
+    check_folder_target(out)
     if stage is not None and stage not in STAGES:
         raise FlexdiffError(f"--stage {stage!r}; accepted: {', '.join(STAGES)}")
-    loaded = load_model(model)
     cfg = ExpertsConfig(budget=budget, sampler=sampler, num_steps=steps, k=k, elastic_steps=elastic_steps,
                         agent_steps=agent_steps, final_steps=final_steps, batch_size=batch_size, seed=seed)
+    cfg.validate()
+    loaded = load_model(model)
+    images = _training_images(data, loaded)
     t0 = time.perf_counter()
-    with progress_bar() as progress:
-        pipe = ExpertsPipeline(loaded, out, cfg, _training_images(data, loaded), progress)
+    with run_folder(out), progress_bar() as progress:
+        pipe = ExpertsPipeline(loaded, out, cfg, images, progress)
         stages = STAGES if stage is None else STAGES[:STAGES.index(stage) + 1]
         result = pipe.run(stages)
         if baselines and result is not None:

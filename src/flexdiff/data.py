@@ -43,7 +43,8 @@ def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]
     return images[chosen], labels[chosen]
 
 
-def load_image_folder(folder: Path, resolution: int, channels: int | None = None) -> torch.Tensor:
+def load_image_folder(folder: Path, resolution: int, channels: int | None = None,
+                      option: str = "--data") -> torch.Tensor:
     """All images under `folder` as (N, C, resolution, resolution) in [-1, 1].
 
     C is 1 if every image is grayscale, else 3 (or `channels` when given).
@@ -52,11 +53,11 @@ def load_image_folder(folder: Path, resolution: int, channels: int | None = None
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FlexdiffError(f"--data {folder}: not a folder")
+        raise FlexdiffError(f"{option} {folder}: not a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FlexdiffError(
-            f"--data {folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"{option} {folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     pil = []
     for f in files:
@@ -64,7 +65,7 @@ def load_image_folder(folder: Path, resolution: int, channels: int | None = None
             with Image.open(f) as im:
                 pil.append(im.copy())
         except (UnidentifiedImageError, OSError) as e:
-            raise FlexdiffError(f"--data: cannot read image {f}: {e}") from None
+            raise FlexdiffError(f"{option}: cannot read image {f}: {e}") from None
     if channels is None:
         channels = 1 if all(im.mode in ("L", "1", "I;16", "I") for im in pil) else 3
     if channels not in (1, 3):

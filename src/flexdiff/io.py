@@ -32,9 +32,38 @@ def read_json(path: Path, what: str = "") -> Any:
 
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise FlexdiffError(f"{path}: {what + ' is ' if what else ''}not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise FlexdiffError(f"{path}: {what + ' is ' if what else ''}not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise FlexdiffError(f"{path}: is a folder; expected a JSON file") from None
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object (a config, a manifest): anything else names the file."""
+    from .errors import FlexdiffError
+
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise FlexdiffError(f"{path}: {what} must be a JSON object {{...}}, found a {type(data).__name__}")
+    return data
+
+
+def load_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    """A safetensors cache file, or None when absent or unreadable (a killed run's truncated file is
+    removed: a cache is recomputed, never trusted half-written)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return load_file(path)
+    except Exception:  # safetensors raises its own error kinds for truncated or foreign files
+        path.unlink(missing_ok=True)
+        return None
 
 
 def load_checkpoint(path: Path) -> Any:
@@ -46,6 +75,19 @@ def load_checkpoint(path: Path) -> Any:
     except Exception as e:  # truncated or foreign files raise many kinds
         raise FlexdiffError(f"{path}: cannot read this checkpoint ({type(e).__name__}); delete it to start "
                             "that part again") from None
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors state dict that must be readable (a finished stage's weights): a damaged one names itself."""
+    from safetensors.torch import load_file
+
+    from .errors import FlexdiffError
+
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error kinds
+        raise FlexdiffError(f"{path}: cannot read these weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            "delete it to rebuild that part") from None
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from .errors import FlexdiffError
-from .io import read_json
+from .io import read_json_object
 
 UNet = UNet2DModel | UNet2DConditionModel
 
@@ -89,13 +89,19 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     if (path / "model_index.json").exists():
         unet_dir = path / "unet"
         sched_file = path / "scheduler" / "scheduler_config.json"
+        if not unet_dir.is_dir():
+            index = read_json_object(path / "model_index.json", "the pipeline index")
+            parts = ", ".join(f"{k}: {v[1] if isinstance(v, list) and len(v) > 1 else v}" for k, v in index.items()
+                              if not k.startswith("_"))
+            raise FlexdiffError(f"--model {path}: a pipeline folder without a unet/ subfolder ({parts}); flexdiff "
+                                "needs a UNet denoiser (UNet2DModel or UNet2DConditionModel)")
     config_file = unet_dir / "config.json"
     if not config_file.exists():
         raise FlexdiffError(
             f"--model {path}: not a diffusers model folder (no config.json"
-            f"{' in unet/' if unet_dir != path else ''} and no model_index.json)"
+            f"{' in unet/' if unet_dir != path else ' and no model_index.json'})"
         )
-    config = read_json(config_file, "the UNet config")
+    config = read_json_object(config_file, "the UNet config")
     cls_name = config.get("_class_name")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     if cls_name not in classes:
@@ -109,19 +115,41 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
             "*.bin files; convert them with diffusers' save_pretrained(safe_serialization=True))"
         )
     try:
-        unet = classes[cls_name].from_pretrained(unet_dir, use_safetensors=True)
+        unet = classes[cls_name].from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except FlexdiffError:
         raise
     except Exception as e:  # diffusers raises many kinds for corrupt files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexdiffError(f"--model {path}: cannot load the weights ({msg})") from None
     unet.eval().requires_grad_(False)
-    sched = (
-        read_json(sched_file, "the scheduler config")
-        if sched_file.exists()
-        else dict(DEFAULT_SCHEDULER_CONFIG)
-    )
+    sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
+        if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
     return LoadedModel(unet=unet, scheduler_config=sched, path=path)
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_scheduler_config(config: dict, where: Path | str) -> dict:
+    """The noise-schedule fields flexdiff's samplers read, checked here so a bad value names its file."""
+    def bad(field, why):
+        return FlexdiffError(f"{where}: {field} is {config[field]!r}; {why}")
+
+    T = config.get("num_train_timesteps", 1000)
+    if "num_train_timesteps" in config and (isinstance(T, bool) or not isinstance(T, int) or T < 2):
+        raise bad("num_train_timesteps", "expected a whole number >= 2")
+    for f in ("beta_start", "beta_end"):
+        v = config.get(f)
+        if f in config and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
+            raise bad(f, "expected a number between 0 and 1")
+    if "beta_start" in config and "beta_end" in config and config["beta_start"] > config["beta_end"]:
+        raise bad("beta_start", f"it must not exceed beta_end ({config['beta_end']!r})")
+    if "beta_schedule" in config and config["beta_schedule"] not in BETA_SCHEDULES:
+        raise bad("beta_schedule", f"accepted values are {', '.join(BETA_SCHEDULES)}")
+    if "prediction_type" in config and config["prediction_type"] not in PREDICTION_TYPES:
+        raise bad("prediction_type", f"accepted values are {', '.join(PREDICTION_TYPES)}")
+    return config
 
 
 def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:

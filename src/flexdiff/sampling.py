@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from .engine import StepEngine, is_mixture
+from .engine import StepEngine, is_mixture, num_branches
 from .errors import FlexdiffError
 from .models import UNet, UNet2DConditionModel
 from .schedule import SAMPLERS, Schedule
@@ -160,9 +160,7 @@ def sample(
         raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
     cond = cond if cond is not None else null_conditioning(unet)
     n_train = int(scheduler_config.get("num_train_timesteps", 1000))
-    if schedule.timesteps is not None and max(schedule.timesteps) >= n_train:
-        raise FlexdiffError(f"schedule {schedule.name or schedule.describe()}: timestep {max(schedule.timesteps)} is "
-                            f"beyond the model's training range 0..{n_train - 1}")
+    schedule.check_fits(num_branches(unet), num_train_timesteps=n_train)
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
     set_timesteps(scheduler, schedule)
     if len(scheduler.timesteps) != schedule.num_steps:

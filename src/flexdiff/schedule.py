@@ -115,8 +115,13 @@ class Schedule:
         branches = [s.branch for s in self.steps if s.kind is StepKind.PARTIAL]
         return max(branches) if branches else None
 
-    def check_fits(self, num_branches: int, num_steps: int | None = None) -> None:
-        """Refuse a schedule that cannot run on a model with `num_branches` cache branches."""
+    def check_fits(self, num_branches: int, num_steps: int | None = None,
+                   num_train_timesteps: int | None = None) -> None:
+        """Refuse a schedule that cannot run on a model with `num_branches` cache branches (and,
+        when given, `num_train_timesteps` training timesteps)."""
+        if num_train_timesteps is not None and self.timesteps is not None and max(self.timesteps) >= num_train_timesteps:
+            raise FlexdiffError(f"schedule {self.name or self.describe()}: timestep {max(self.timesteps)} is beyond "
+                                f"the model's training range 0..{num_train_timesteps - 1}")
         mb = self.max_branch()
         if mb is not None and mb >= num_branches:
             raise FlexdiffError(

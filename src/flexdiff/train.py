@@ -40,9 +40,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
-            raise FlexdiffError(f"lr_schedule {self.lr_schedule!r}: accepted values are {', '.join(LR_SCHEDULES)}")
+            raise FlexdiffError(f"--lr-schedule {self.lr_schedule!r}: accepted values are {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.label_dropout < 1.0:
-            raise FlexdiffError(f"label_dropout {self.label_dropout}: must be in [0, 1)")
+            raise FlexdiffError(f"--label-dropout {self.label_dropout}: must be in [0, 1)")
 
     def resume_key(self) -> dict:
         """The settings a checkpoint must share to be resumed: with a constant rate, `steps` may grow."""

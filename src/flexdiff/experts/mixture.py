@@ -18,8 +18,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from ..errors import FlexdiffError
-from ..io import read_json, write_json
-from .elastic import SubnetSpec
+from ..io import read_json_object, write_json
+from .elastic import SubnetSpec, full_spec
 from .intervals import Intervals
 
 MANIFEST = "mixture.json"
@@ -78,18 +78,25 @@ class Mixture(torch.nn.Module):
         return kind(sample=out) if hasattr(kind, "__dataclass_fields__") else (out,)
 
 
+def weights_fingerprint(model) -> str:
+    from ..models import weights_fingerprint as fingerprint
+
+    return fingerprint(model)
+
+
 def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], scheduler_config: dict,
                  out_dir: Path, info: dict | None = None) -> Path:
     """Write the mixture folder atomically: built beside the target, then renamed into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         entries = []
         for k, (model, spec, (lo, hi)) in enumerate(zip(experts, specs, intervals.bounds())):
             model.save_pretrained(tmp / f"expert_{k}", safe_serialization=True)
             entries.append(dict(folder=f"expert_{k}", interval=[lo, hi], spec=spec.to_dict(),
-                                parameters=sum(p.numel() for p in model.parameters())))
+                                parameters=sum(p.numel() for p in model.parameters()),
+                                weights=weights_fingerprint(model)))  # checked on load: swapped experts are refused
         write_json(tmp / "intervals.json", intervals.to_dict())
         write_json(tmp / "scheduler_config.json", scheduler_config)
         write_json(tmp / MANIFEST, dict(format=FORMAT, model_class=type(experts[0]).__name__,
@@ -119,7 +126,7 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
     man_file = path / MANIFEST
     if not man_file.is_file():
         raise FlexdiffError(f"{path}: not a mixture folder (no {MANIFEST})")
-    man = read_json(man_file, "the mixture manifest")
+    man = read_json_object(man_file, "the mixture manifest")
     if man.get("format") != FORMAT:
         raise FlexdiffError(f"{man_file}: format is {man.get('format')!r}; expected {FORMAT!r}")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
@@ -130,17 +137,45 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
     entries = man.get("experts")
     if not isinstance(entries, list) or len(entries) != intervals.k:
         raise FlexdiffError(f"{man_file}: 'experts' must list one entry per interval ({intervals.k})")
+    root = path.resolve()
     experts = []
     for k, entry in enumerate(entries):
-        folder = path / str(entry.get("folder", ""))
+        where = f"{man_file} experts[{k}]"
+        if not isinstance(entry, dict):
+            raise FlexdiffError(f"{where}: expected an object with 'folder' and 'spec'")
+        name = entry.get("folder")
+        folder = (path / str(name)).resolve() if isinstance(name, str) and name else None
+        if folder is None or folder == root or root not in folder.parents:
+            raise FlexdiffError(f"{where}.folder {name!r}: must name a subfolder of the mixture folder")
         if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
-            raise FlexdiffError(f"{man_file}: experts[{k}].folder {entry.get('folder')!r} is not a saved UNet folder")
-        SubnetSpec.from_dict(entry.get("spec") or {}, where=f"{man_file} experts[{k}].spec")
+            raise FlexdiffError(f"{where}.folder {name!r} is not a saved UNet folder")
+        spec = SubnetSpec.from_dict(entry.get("spec") or {}, where=f"{where}.spec")
+        if "interval" in entry and list(entry["interval"]) != list(intervals.bounds()[k]):
+            raise FlexdiffError(f"{where}.interval {entry['interval']}: the intervals put expert {k} on "
+                                f"{list(intervals.bounds()[k])}")
         try:
-            model = cls.from_pretrained(folder, use_safetensors=True)
+            model = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
         except Exception as e:  # diffusers raises many kinds for corrupt files
             raise FlexdiffError(f"{folder}: cannot load the expert ({str(e).splitlines()[0] if str(e) else e})") from None
+        if full_spec(model) != spec:
+            raise FlexdiffError(f"{where}: the UNet in {name!r} has widths {list(full_spec(model).widths)} and depths "
+                                f"{list(full_spec(model).depths)}, the manifest says {spec.to_dict()} (experts swapped "
+                                "or replaced?)")
+        if "weights" in entry and weights_fingerprint(model) != entry["weights"]:
+            raise FlexdiffError(f"{where}: the weights in {name!r} are not the ones this mixture was saved with "
+                                f"(fingerprint {weights_fingerprint(model)}, manifest {entry['weights']}): experts "
+                                "swapped or replaced?")
         experts.append(model.eval().requires_grad_(False))
+    shapes = {(e.config.in_channels, e.config.out_channels, e.config.sample_size) for e in experts}
+    if len(shapes) > 1:
+        raise FlexdiffError(f"{man_file}: the experts disagree on (in_channels, out_channels, sample_size): {sorted(shapes)}")
     sched_file = path / "scheduler_config.json"
-    sched = read_json(sched_file, "the scheduler config") if sched_file.exists() else None
+    from ..models import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
+
+    sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
+        if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
+    T = sched.get("num_train_timesteps", 1000)
+    if intervals.num_train_timesteps != T:
+        raise FlexdiffError(f"{man_file}: the intervals cover {intervals.num_train_timesteps} timesteps but "
+                            f"{sched_file.name} has num_train_timesteps {T}")
     return Mixture(experts, intervals, sched, man).eval().requires_grad_(False), man

@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..cost import count_macs
 from ..engine import is_mixture
 from ..errors import FlexdiffError
-from ..io import read_json, save_safetensors, write_json
+from ..io import load_weights, read_json, save_safetensors, write_json
 from ..models import LoadedModel, data_fingerprint, weights_fingerprint
 from ..sampling import make_scheduler
 from ..schedule import SAMPLERS
@@ -65,6 +64,10 @@ class ExpertsConfig:
                   "sim_images", "importance_batches", "k_max"):
             if getattr(self, f) < 1:
                 raise FlexdiffError(f"--{f.replace('_', '-')} {getattr(self, f)}: must be at least 1")
+        if self.k is not None and not 1 <= self.k <= self.sim_timesteps:
+            # checked before any stage writes its settings.json, so a refused --k leaves nothing behind
+            raise FlexdiffError(f"--k {self.k}: choose 1 to {self.sim_timesteps} intervals (the number of sampled "
+                                "timesteps)")
 
     def stage_settings(self, stage: str) -> dict:
         """The settings a stage's result depends on (including those of the stages before it)."""
@@ -190,7 +193,7 @@ class ExpertsPipeline:
             elastic = ElasticUNet(copy.deepcopy(self.teacher))
             done = d / "elastic.safetensors"
             if done.exists():
-                elastic.unet.load_state_dict(load_file(done))
+                elastic.unet.load_state_dict(load_weights(done))
             else:
                 b = self.batches(lo, hi)
                 # re-order once from the teacher's own importance on this interval (deterministic, so a

@@ -65,7 +65,7 @@ class QualityMeter:
 
         c, h, _ = image_shape
         if real_data is not None:
-            reference = load_image_folder(real_data, h, channels=c)
+            reference = load_image_folder(real_data, h, channels=c, option="--real-data")
         elif (c, h) == (1, DIGITS_RESOLUTION):
             reference, _ = load_digits_split("train")
         else:

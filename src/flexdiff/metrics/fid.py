@@ -37,14 +37,36 @@ def _stats(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.n
     return mu, (xc * w[:, None]).T @ xc / (n - 1)
 
 
-def frechet_distance(mu1, s1, mu2, s2) -> float:
-    """||mu1-mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2), via symmetric eigendecompositions."""
+def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """Tr((S1^1/2 S2 S1^1/2)^1/2) = the sum of sqrt(eigenvalues of S1 S2).
+
+    With a Cholesky factor S = L L^T of either matrix, L^T S' L is symmetric with those same
+    eigenvalues: one Cholesky and one symmetric eigenvalue solve, several times cheaper than the
+    matrix square root (this runs hundreds of times per bootstrap). Both singular (fewer samples
+    than features): the square root through an eigendecomposition.
+    """
+    for a, b in ((s2, s1), (s1, s2)):
+        try:
+            chol = np.linalg.cholesky(a)
+        except np.linalg.LinAlgError:
+            continue
+        m = chol.T @ b @ chol
+        return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
     ev1, v1 = np.linalg.eigh(s1)
     s1_half = (v1 * np.sqrt(np.clip(ev1, 0, None))) @ v1.T
     m = s1_half @ s2 @ s1_half
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+
+
+def frechet_distance(mu1, s1, mu2, s2) -> float:
+    """||mu1-mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1^1/2 S2 S1^1/2)^1/2)."""
+    if not all(np.isfinite(a).all() for a in (mu1, s1, mu2, s2)):  # the solvers would fail with a LinAlgError
+        from ..errors import FlexdiffError
+
+        raise FlexdiffError("the samples' features are not finite (the samples overflow the feature network); "
+                            "no Frechet distance can be measured")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * _trace_sqrt_product(s1, s2))
 
 
 def fid(x: np.ndarray, y: np.ndarray) -> float:

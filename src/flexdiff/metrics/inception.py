@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -15,8 +13,10 @@ from ..errors import FlexdiffError
 class InceptionFeatures:
     """2048-d pool features of pytorch-fid's InceptionV3, with weights read from `weights_path`.
 
-    pytorch-fid normally downloads its weights through torch hub. Here the hub folder is a
-    temporary one holding only a link to the user's file, so nothing is ever fetched.
+    pytorch-fid fetches its weights with `load_state_dict_from_url`, which downloads and then
+    unpickles whatever it finds (`weights_only=False`). While the network is built, that function
+    is replaced by one that reads the user's file with `torch.load(weights_only=True)`: nothing is
+    fetched and nothing is unpickled beyond tensors.
     """
 
     def __init__(self, weights_path: Path):
@@ -27,24 +27,30 @@ class InceptionFeatures:
                 "pt_inception-2015-12-05-6726825d.pth; flexdiff never downloads it)"
             )
         try:
-            from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
+            import pytorch_fid.inception as fid_inception
         except ImportError:
             raise FlexdiffError(
                 "Inception FID needs pytorch-fid: pip install 'flexdiff[inception]' "
                 "(it depends on torchvision)"
             ) from None
-        previous = torch.hub.get_dir()
-        with tempfile.TemporaryDirectory() as hub:
-            checkpoints = Path(hub) / "checkpoints"
-            checkpoints.mkdir()
-            (checkpoints / Path(urlparse(FID_WEIGHTS_URL).path).name).symlink_to(weights_path.resolve())
-            torch.hub.set_dir(hub)
+
+        def local_weights(url, *args, **kwargs):
             try:
-                self.model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
-            except Exception as e:
-                raise FlexdiffError(f"--inception-weights {weights_path}: cannot load ({e})") from None
-            finally:
-                torch.hub.set_dir(previous)
+                return torch.load(weights_path, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickles with code, truncated files, foreign formats
+                raise FlexdiffError(f"--inception-weights {weights_path}: not a plain weights file "
+                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+        original = getattr(fid_inception, "load_state_dict_from_url", None)
+        fid_inception.load_state_dict_from_url = local_weights
+        try:
+            self.model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+        except FlexdiffError:
+            raise
+        except Exception as e:
+            raise FlexdiffError(f"--inception-weights {weights_path}: cannot load ({e})") from None
+        finally:
+            fid_inception.load_state_dict_from_url = original
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch: int = 100) -> np.ndarray:

@@ -51,6 +51,10 @@ class SearchConfig:
             raise FlexdiffError(f"--population {self.population}: need at least 2")
         if self.generations < 0:
             raise FlexdiffError(f"--generations {self.generations}: must be >= 0")
+        from .fitness import METRICS
+
+        if self.metric not in METRICS:
+            raise FlexdiffError(f"--metric {self.metric!r}: accepted values are {', '.join(METRICS)}")
         if self.eval_samples < 8:
             raise FlexdiffError(f"--eval-samples {self.eval_samples}: need at least 8 for a covariance")
 
@@ -104,6 +108,11 @@ class Search:
             raise FlexdiffError(f"{path}: damaged search state ({e}); remove it to start again") from None
         if not isinstance(state, dict) or not isinstance(state.get("identity"), dict):
             raise FlexdiffError(f"{path}: damaged search state (not a flexdiff search); remove it to start again")
+        kinds = dict(generation=int, population=list, evaluated=dict, history=list, seconds=(int, float))
+        wrong = [k for k, t in kinds.items() if not isinstance(state.get(k), t)]
+        if wrong:
+            raise FlexdiffError(f"{path}: damaged search state (field {wrong[0]!r} is missing or of the wrong type); "
+                                "remove it to start again")
         if state["identity"].get("model") != self.identity.get("model"):
             raise FlexdiffError(f"{path}: a search on another model is stored here (weights fingerprint "
                                 f"{state['identity'].get('model')}, now {self.identity.get('model')}); use another --out folder")
@@ -323,16 +332,20 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     costs = costs or measure_step_costs(model.unet, guidance=cfg.guidance != 1.0)
     space.validate(len(costs.partial))
     cfg.check()
-    teacher = Schedule.full("ddim", cfg.teacher_steps)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
-                      teacher_cache or out_dir, batch_size=batch_size, progress=progress,
-                      labels=cfg.labels, guidance=cfg.guidance)
     from ..models import weights_fingerprint
 
-    return Search(space, costs, costs.schedule_macs(teacher), fitness, cfg, out_dir, progress,
-                  model_fingerprint=weights_fingerprint(model.unet))
+    teacher = Schedule.full("ddim", cfg.teacher_steps)
+    out_dir = Path(out_dir)
+    search = Search(space, costs, costs.schedule_macs(teacher), None, cfg, out_dir, progress,
+                    model_fingerprint=weights_fingerprint(model.unet))
+    # refused before the teacher runs (the slow part): an impossible budget, a damaged or foreign state
+    search._initial(np.random.default_rng(cfg.seed))
+    search._load_state()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    search.fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
+                             teacher_cache or out_dir, batch_size=batch_size, progress=progress,
+                             labels=cfg.labels, guidance=cfg.guidance)
+    return search
 
 
 __all__ = ["Search", "SearchConfig", "SearchResult", "search_from_settings"]

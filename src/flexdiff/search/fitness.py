@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from ..errors import FlexdiffError
-from ..io import save_safetensors
+from ..io import load_cache, save_safetensors
 from ..metrics import QualityMeter
 from ..metrics.fid import fid
 from ..models import LoadedModel
@@ -44,9 +43,9 @@ class Fitness:
         self.cond = class_conditioning(model.unet, tuple(labels), samples, guidance)
         tag = f"-labels{'_'.join(map(str, labels))}-g{guidance:g}" if labels else ""
         path = Path(workdir) / f"teacher-{teacher.num_steps}-{samples}-{seed}{tag}.safetensors"
-        stored = load_file(path)["features"].numpy() if path.exists() else None
-        if stored is not None and stored.shape == (samples, meter.reference.shape[1]):
-            self.teacher = stored
+        stored = (load_cache(path) or {}).get("features")  # a truncated file from a killed run is redrawn
+        if stored is not None and tuple(stored.shape) == (samples, meter.reference.shape[1]):
+            self.teacher = stored.numpy()
         else:  # none yet, or from another feature space
             images = self._images(teacher, "teacher")
             self.teacher = meter.features(images)

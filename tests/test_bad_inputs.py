@@ -1,0 +1,268 @@
+"""Every verb on a table of bad inputs: exit 2, one line on stderr, no traceback, and nothing written.
+
+Each row is (verb and arguments, a fragment the message must contain). Arguments name files of a
+small world built once per test: `{model}` a tiny UNet folder, `{file}` a plain file, `{out}` a
+folder that does not exist yet, and broken models, schedules and mixtures.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flexdiff.cli import app
+
+FOLDER_VERBS = {  # the verbs that fill an --out folder, with the fewest arguments that would run them
+    "train": ["--steps", "1"],
+    "search": ["--model", "{model}", "--speedup", "2"],
+    "bench": ["--model", "{model}"],
+    "intervals": ["--model", "{model}"],
+    "experts": ["--model", "{model}", "--data", "{images}"],
+    "proxy-study": ["--model", "{model}"],
+    "metric-study": ["--model", "{model}"],
+    "train-classifier": [],
+}
+
+CASES = []
+for verb, args in FOLDER_VERBS.items():
+    CASES += [
+        ([verb, *args, "--out", "{file}"], "is a file; give a folder"),
+        ([verb, *args, "--out", "{file}/sub"], "is a file, not a folder"),
+        ([verb, *args, "--out", "/proc/flexdiff-test/out"], "cannot create files in /proc"),
+    ]
+SAMPLE = ["sample", "--model", "{model}", "--steps", "2", "--n", "2"]
+EVALUATE = ["evaluate", "--model", "{model}", "--steps", "2", "--samples", "4", "--teacher-steps", "3"]
+CASES += [
+    # file targets: checked before sampling
+    ([*SAMPLE, "--out", "{dir}"], "is a folder; give a file name"),
+    ([*SAMPLE, "--out", "{file}/g.png"], "is a file, not a folder"),
+    ([*SAMPLE, "--out", "/proc/flexdiff-test/g.png"], "cannot create files in /proc"),
+    ([*SAMPLE, "--out", "{out}/grid.jpg"], "ending in .png"),
+    ([*SAMPLE, "--out", "{out}/g.png", "--save-tensors", "{dir}"], "--save-tensors"),
+    ([*EVALUATE, "--out", "{dir}"], "is a folder; give a file name"),
+    ([*EVALUATE, "--out", "{file}/m.json"], "is a file, not a folder"),
+    # models
+    (["sample", "--model", "{config_list}", "--out", "{out}/g.png"], "must be a JSON object"),
+    (["sample", "--model", "{bad_scheduler}", "--out", "{out}/g.png"], "beta_schedule is 'wobbly'"),
+    (["sample", "--model", "{bad_timesteps_cfg}", "--out", "{out}/g.png"], "num_train_timesteps is 'many'"),
+    (["sample", "--model", "{pipeline_without_unet}", "--out", "{out}/g.png"], "without a unet/ subfolder"),
+    (["sample", "--model", "{file}", "--out", "{out}/g.png"], "got a file"),
+    # schedules: named by file, checked against the model before any sampling
+    (["sample", "--model", "{model}", "--schedule", "{latin1_schedule}", "--out", "{out}/g.png"], "not UTF-8"),
+    (["sample", "--model", "{model}", "--schedule", "{typo_schedule}", "--out", "{out}/g.png"], "stepz"),
+    (["sample", "--model", "{model}", "--schedule", "{late_schedule}", "--out", "{out}/g.png"],
+     "timestep 1200 is beyond the model's training range 0..999"),
+    (["evaluate", "--model", "{model}", "--schedule", "{late_schedule}", "--samples", "4"], "--schedule"),
+    (["bench", "--model", "{model}", "--schedule", "{branch_schedule}", "--out", "{out}"], "uses branch 99"),
+    # mixtures
+    (["sample", "--model", "{mixture_swapped}", "--out", "{out}/g.png"], "swapped"),
+    (["sample", "--model", "{mixture_other_T}", "--out", "{out}/g.png"], "num_train_timesteps 500"),
+    (["sample", "--model", "{mixture_escape}", "--out", "{out}/g.png"], "must name a subfolder"),
+    (["bench", "--model", "{model}", "--mixture", "{mixture_swapped}", "--out", "{out}"], "swapped"),
+    # settings refused before anything is written
+    (["train", "--data", "{images}", "--resolution", "10", "--out", "{out}"], "multiple of 4"),
+    (["train", "--lr-schedule", "step", "--out", "{out}"], "--lr-schedule 'step'"),
+    (["sample", "--model", "{model}", "--threads", "-1", "--out", "{out}/g.png"], "--threads -1"),
+    (["evaluate", "--model", "{model}", "--real-data", "{dir}", "--samples", "4"], "--real-data"),
+    (["search", "--model", "{model}", "--out", "{out}", "--speedup", "1000", "--steps", "20", "--lengths", "1,2"],
+     "no schedule in the search space fits"),
+    (["search", "--model", "{model}", "--out", "{out}", "--speedup", "2", "--metric", "psnr"], "--metric 'psnr'"),
+    (["experts", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),
+    (["intervals", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),
+    (["intervals", "--model", "{model}", "--measure", "l2", "--out", "{out}"], "--measure 'l2'"),
+    # damaged state in an existing --out: refused, and nothing added
+    (["train", "--out", "{foreign_checkpoint_run}", "--steps", "1"], "not a flexdiff training checkpoint"),
+    (["train", "--out", "{pickled_checkpoint_run}", "--steps", "1"], "cannot read this checkpoint"),
+    (["search", "--model", "{model}", "--speedup", "2", "--out", "{damaged_search}"], "damaged search state"),
+]
+
+
+def _tiny_mixture(root: Path, tiny_model_dir: Path) -> Path:
+    from flexdiff.experts.elastic import full_spec
+    from flexdiff.experts.intervals import Intervals
+    from flexdiff.experts.mixture import save_mixture
+    from flexdiff.models import DEFAULT_SCHEDULER_CONFIG, load_model
+
+    from conftest import tiny_unet
+
+    a, b = load_model(tiny_model_dir).unet, tiny_unet(seed=1)
+    return save_mixture([a, b], Intervals((0, 500), 1000), [full_spec(a), full_spec(b)],
+                        dict(DEFAULT_SCHEDULER_CONFIG), root)
+
+
+@pytest.fixture
+def world(tmp_path, tiny_model_dir):
+    from PIL import Image
+
+    w = dict(model=tiny_model_dir, file=tmp_path / "a_file.txt", dir=tmp_path / "a_folder", out=tmp_path / "out")
+    w["file"].write_text("not a folder")
+    w["dir"].mkdir()
+    w["images"] = tmp_path / "images"
+    w["images"].mkdir()
+    for i in range(4):
+        Image.new("L", (16, 16), color=40 * i).save(w["images"] / f"{i}.png")
+
+    def model_copy(name, edit=None, sched_edit=None):
+        import shutil
+
+        d = tmp_path / name
+        shutil.copytree(tiny_model_dir, d)
+        if edit:
+            (d / "config.json").write_text(json.dumps(edit(json.loads((d / "config.json").read_text()))))
+        if sched_edit:
+            f = d / "scheduler_config.json"
+            f.write_text(json.dumps(sched_edit(json.loads(f.read_text()))))
+        return d
+
+    w["config_list"] = model_copy("config_list", edit=lambda c: [c])
+    w["bad_scheduler"] = model_copy("bad_sched", sched_edit=lambda c: {**c, "beta_schedule": "wobbly"})
+    w["bad_timesteps_cfg"] = model_copy("bad_T", sched_edit=lambda c: {**c, "num_train_timesteps": "many"})
+    pipe = tmp_path / "pipeline"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline",
+                                                       "transformer": ["diffusers", "DiTTransformer2DModel"]}))
+    w["pipeline_without_unet"] = pipe
+
+    def schedule(name, data, raw=None):
+        f = tmp_path / name
+        f.write_bytes(raw) if raw is not None else f.write_text(json.dumps(data))
+        return f
+
+    w["latin1_schedule"] = schedule("latin1.json", None, raw='{"sampler": "ddim", "name": "é"}'.encode("latin-1"))
+    w["typo_schedule"] = schedule("typo.json", {"sampler": "ddim", "stepz": ["full", "full"]})
+    w["late_schedule"] = schedule("late.json", {"sampler": "dpmsolver++", "steps": ["full", "full"],
+                                                "timesteps": [1200, 600]})
+    w["branch_schedule"] = schedule("branch.json", {"sampler": "ddim", "steps": ["full", "partial:99"]})
+
+    mix = _tiny_mixture(tmp_path / "mixture_swapped", tiny_model_dir)
+    os.rename(mix / "expert_0", mix / "tmp")
+    os.rename(mix / "expert_1", mix / "expert_0")
+    os.rename(mix / "tmp", mix / "expert_1")
+    w["mixture_swapped"] = mix
+    mix = _tiny_mixture(tmp_path / "mixture_other_T", tiny_model_dir)
+    f = mix / "scheduler_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "num_train_timesteps": 500}))
+    w["mixture_other_T"] = mix
+    mix = _tiny_mixture(tmp_path / "mixture_escape", tiny_model_dir)
+    man = json.loads((mix / "mixture.json").read_text())
+    man["experts"][1]["folder"] = "../mixture_other_T/expert_1"
+    (mix / "mixture.json").write_text(json.dumps(man))
+    w["mixture_escape"] = mix
+
+    run = tmp_path / "foreign_run"
+    run.mkdir()
+    torch.save({"weights": torch.zeros(2)}, run / "checkpoint.pt")
+    w["foreign_checkpoint_run"] = run
+    run = tmp_path / "pickled_run"
+    run.mkdir()
+    torch.save({"model": Path("somewhere")}, run / "checkpoint.pt")  # a pickled object: weights_only refuses it
+    w["pickled_checkpoint_run"] = run
+    run = tmp_path / "damaged_search"
+    run.mkdir()
+    (run / "search_state.json").write_text(json.dumps({"identity": {}, "generation": "three"}))
+    w["damaged_search"] = run
+    return w
+
+
+def _tree(root: Path) -> dict[str, float]:
+    """Every path with its file's modification time (folders: present or not; a lock file come and gone
+    touches a folder's own time)."""
+    return {str(p): (0 if p.is_dir() else p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("args, fragment", CASES, ids=[" ".join(a[:1] + a[-2:]) + f" [{i}]" for i, (a, _) in enumerate(CASES)])
+def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, args, fragment):
+    argv = [a.format(**world) for a in args]
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, (argv, result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and fragment in lines[0], (fragment, lines[0])
+    assert _tree(tmp_path) == before, "a refused command changed files"
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tiny_model_dir, tmp_path):
+    from flexdiff.outputs import LOCK_FILE, run_folder
+
+    out = tmp_path / "s"
+    with run_folder(out):  # another run holds the folder
+        result = CliRunner().invoke(app, ["search", "--model", str(tiny_model_dir), "--speedup", "2",
+                                          "--out", str(out), "--population", "2", "--generations", "0"])
+        assert result.exit_code == 2, result.output
+        assert "another flexdiff run is using this folder" in result.stderr
+        assert (out / LOCK_FILE).exists()
+    assert not (out / LOCK_FILE).exists()  # released and removed: the folder holds only results
+
+
+def test_a_failed_run_removes_the_folders_it_created_but_keeps_results(tmp_path):
+    from flexdiff.errors import FlexdiffError
+    from flexdiff.outputs import run_folder
+
+    with pytest.raises(FlexdiffError):
+        with run_folder(tmp_path / "a" / "b"):
+            raise FlexdiffError("refused")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(FlexdiffError):
+        with run_folder(tmp_path / "c"):
+            (tmp_path / "c" / "checkpoint.pt").write_text("progress worth keeping")
+            raise FlexdiffError("killed later")
+    assert (tmp_path / "c" / "checkpoint.pt").exists()
+
+
+def test_temporaries_of_a_killed_run_are_cleaned_on_the_next_start(tmp_path):
+    from flexdiff.outputs import run_folder
+
+    out = tmp_path / "run"
+    (out / "cache").mkdir(parents=True)
+    stale = [out / ".checkpoint.pt.ab12_x9z.tmp", out / "cache" / ".0123abcd.safetensors.Qw3rTy12.tmp"]
+    for f in stale:
+        f.write_bytes(b"half a file")
+    (out / ".mixture.k3J9s0aa.tmp").mkdir()  # a mixture folder being built
+    (out / ".mix.old").mkdir()  # swap cut after the new folder arrived: the old one goes
+    (out / "mix").mkdir()
+    (out / ".only.old").mkdir()  # swap cut before the new one arrived: the old one is put back
+    (out / ".only.old" / "mixture.json").write_text("{}")
+    keep = [out / "notes.tmp", out / ".hidden", out / "cache" / "0123abcd.safetensors"]
+    for f in keep:
+        f.write_text("mine")
+    with run_folder(out):
+        pass
+    assert not any(f.exists() for f in stale)
+    assert not (out / ".mixture.k3J9s0aa.tmp").exists() and not (out / ".mix.old").exists()
+    assert (out / "only" / "mixture.json").exists() and not (out / ".only.old").exists()
+    assert all(f.exists() for f in keep)
+
+
+def test_a_truncated_cache_is_redrawn_not_trusted(tmp_path):
+    from safetensors.torch import save_file
+
+    from flexdiff.io import load_cache
+
+    path = tmp_path / "teacher.safetensors"
+    save_file({"features": torch.ones(4, 3)}, path)
+    assert torch.equal(load_cache(path)["features"], torch.ones(4, 3))
+    path.write_bytes(path.read_bytes()[:40])  # a kill in the middle of a copy by hand
+    assert load_cache(path) is None and not path.exists()
+
+
+def test_replacing_an_existing_output_file_is_said(tiny_model_dir, tmp_path):
+    (tmp_path / "g.png").write_bytes(b"old")
+    result = CliRunner().invoke(app, ["sample", "--model", str(tiny_model_dir), "--steps", "2", "--n", "2",
+                                      "--out", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
+    assert "exists and will be replaced" in result.stderr
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_mixture_saved_by_flexdiff_loads_and_its_experts_are_checked(tiny_model_dir, tmp_path):
+    from flexdiff.models import load_model
+
+    mix = _tiny_mixture(tmp_path / "mix", tiny_model_dir)
+    man = json.loads((mix / "mixture.json").read_text())
+    assert all(len(e["weights"]) == 16 for e in man["experts"])
+    assert len(load_model(mix).unet.experts) == 2
