@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from flexdiff.io import save_figure, write_json, write_text
 from flexdiff.metrics import QualityMeter

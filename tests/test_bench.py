@@ -37,7 +37,8 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
 
     again = run_bench(model, CFG, tmp_path / "b", meter, extra)
     assert all(r["resumed"] for r in again["rows"])
-    strip = lambda res: [(r["method"], r["metrics"]) for r in res["rows"]]
+    def strip(res):
+        return [(r["method"], r["metrics"]) for r in res["rows"]]
     assert strip(again) == strip(result)
     assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]["resumed"] is True
 

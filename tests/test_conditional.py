@@ -6,14 +6,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import tiny_class_unet
 from flexdiff.cli import app
 from flexdiff.errors import FlexdiffError
 from flexdiff.models import load_model
 from flexdiff.sampling import Conditioning, class_conditioning, initial_noise, parse_labels, sample
 from flexdiff.schedule import Schedule
 from flexdiff.train import TrainConfig, debiased_ema, train
-
-from conftest import tiny_class_unet
 
 runner = CliRunner()
 

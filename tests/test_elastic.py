@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from tests.conftest import tiny_cond_unet, tiny_unet
 
 from flexdiff.errors import FlexdiffError
 from flexdiff.experts.elastic import ElasticUNet, SubnetSpec, full_spec, stage_scores
-from tests.conftest import tiny_cond_unet, tiny_unet
 
 
 def cond_unet_with_elastic_stage(seed: int = 0) -> UNet2DConditionModel:

@@ -7,12 +7,11 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from conftest import tiny_unet
 from flexdiff.engine import HOOK_NAME, StepEngine, anatomy, apply_schedule
 from flexdiff.errors import FlexdiffError
 from flexdiff.sampling import Conditioning, initial_noise, make_scheduler, sample
 from flexdiff.schedule import FULL, NULL, Schedule, partial
-
-from conftest import tiny_unet
 
 
 def _noise(shape, seed=1):

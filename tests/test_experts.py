@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_unet
 from flexdiff.cost import MixtureStepCosts, count_macs, measure_step_costs
 from flexdiff.errors import FlexdiffError
 from flexdiff.experts.agent import AgentConfig, SpecSpace, check_budget, choose_within_budget, train_agent
@@ -18,8 +19,6 @@ from flexdiff.experts.mixture import Mixture, load_mixture, save_mixture
 from flexdiff.models import load_model
 from flexdiff.sampling import initial_noise, make_scheduler, sample
 from flexdiff.schedule import Schedule
-
-from conftest import tiny_unet
 
 
 class _Killed(Exception):

@@ -11,7 +11,6 @@ from flexdiff.experts.pipeline import ExpertsConfig, ExpertsPipeline
 from flexdiff.models import default_mixture_dir, load_model
 from flexdiff.sampling import initial_noise, sample
 from flexdiff.schedule import Schedule
-
 from test_cli import assert_user_error, run  # noqa: E402
 
 SMALL = dict(k=2, sim_timesteps=6, sim_images=16, importance_batches=1, elastic_steps=2, agent_steps=2,
@@ -83,9 +82,8 @@ def test_cli_intervals_on_the_default(tmp_path):
 
 
 def test_stage_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
-    from flexdiff.models import save_model
-
     from conftest import tiny_unet
+    from flexdiff.models import save_model
 
     small = {**SMALL, "sim_images": 8}
     ExpertsPipeline(load_model(tiny_model_dir), tmp_path / "exp", ExpertsConfig(**small)).run(("intervals",))

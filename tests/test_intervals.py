@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_unet
 from flexdiff.errors import FlexdiffError
 from flexdiff.experts.intervals import (
     Intervals,
@@ -15,8 +16,6 @@ from flexdiff.experts.intervals import (
     knee,
     partition_cost,
 )
-
-from conftest import tiny_unet
 
 
 def _block_matrix(sizes, inside=0.9, outside=0.1, seed=0):

@@ -7,7 +7,6 @@ from typer.testing import CliRunner
 
 from flexdiff.cli import app
 from flexdiff.schedule import Schedule
-
 from test_cli import assert_user_error, run
 
 SMALL = ["--population", "3", "--generations", "1", "--eval-samples", "8", "--steps", "4,6", "--lengths", "1,2,3",
@@ -80,9 +79,8 @@ def test_small_real_search_on_default_model(tmp_path):
 
 
 def test_search_folder_of_another_model_is_refused(tiny_model_dir, tmp_path):
-    from flexdiff.models import save_model
-
     from conftest import tiny_unet
+    from flexdiff.models import save_model
 
     other = save_model(tiny_unet(seed=5), {"num_train_timesteps": 1000}, tmp_path / "other")
     code, out = run("search", "--model", tiny_model_dir, "--speedup", 2, "--out", tmp_path / "s", *SMALL)

@@ -5,11 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_unet
 from flexdiff.errors import FlexdiffError
 from flexdiff.models import load_model
 from flexdiff.train import TrainConfig, train
-
-from conftest import tiny_unet
 
 CFG = TrainConfig(steps=8, batch_size=4, warmup=2, checkpoint_every=3, seed=1)
 

@@ -298,7 +298,7 @@ def markdown_table(result: dict) -> str:
             f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
         )
     if result.get("mixture_vs_baselines"):
-        lines += ["", f"Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
+        lines += ["", "Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
                   f"| mixture | baseline | {label}(mixture) − {label}(baseline) |", "|---|---|---|"]
         lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['difference'])} |"
                   for c in result["mixture_vs_baselines"]]

@@ -113,9 +113,9 @@ def train(
 
     from .data import load_digits_split, load_image_folder
     from .models import DEFAULT_UNET_CONFIG, build_default_unet
-    from .train import TrainConfig, train as run_train
-
     from .outputs import check_folder_target, run_folder
+    from .train import TrainConfig
+    from .train import train as run_train
 
     _threads(threads)
     check_folder_target(out)
@@ -462,8 +462,8 @@ def search(
     from .engine import num_branches as count_branches
     from .metrics import QualityMeter
     from .models import load_model
-    from .schedule import SAMPLERS
     from .outputs import check_folder_target, run_folder
+    from .schedule import SAMPLERS
     from .search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
 
     _threads(threads)
@@ -614,9 +614,8 @@ def intervals_cmd(
     import torch
 
     from .engine import is_mixture
-    from .experts.intervals import find_intervals
+    from .experts.intervals import MEASURES, find_intervals
     from .experts.pipeline import training_images
-    from .experts.intervals import MEASURES
     from .models import load_model
     from .outputs import check_folder_target, run_folder
 
