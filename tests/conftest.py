@@ -39,7 +39,7 @@ def cond_unet():
 
 @pytest.fixture
 def sched_cfg():
-    from flexdiff.models import DEFAULT_SCHEDULER_CONFIG
+    from flexdiff.samplers import DEFAULT_SCHEDULER_CONFIG
 
     return dict(DEFAULT_SCHEDULER_CONFIG)
 

@@ -82,10 +82,9 @@ CASES += [
 
 def _tiny_mixture(root: Path, tiny_model_dir: Path) -> Path:
     from conftest import tiny_unet
-    from flexdiff.experts.elastic import full_spec
-    from flexdiff.experts.intervals import Intervals
-    from flexdiff.experts.mixture import save_mixture
-    from flexdiff.models import DEFAULT_SCHEDULER_CONFIG, load_model
+    from flexdiff.mixture import Intervals, full_spec, save_mixture
+    from flexdiff.models import load_model
+    from flexdiff.samplers import DEFAULT_SCHEDULER_CONFIG
 
     a, b = load_model(tiny_model_dir).unet, tiny_unet(seed=1)
     return save_mixture([a, b], Intervals((0, 500), 1000), [full_spec(a), full_spec(b)],

@@ -35,7 +35,7 @@ def test_unconditional_sampling_uses_the_null_label(sched_cfg):
 
 
 def test_guidance_matches_a_plain_loop(sched_cfg):
-    from flexdiff.sampling import make_scheduler
+    from flexdiff.samplers import make_scheduler
 
     unet = tiny_class_unet()
     noise = initial_noise(4, (1, 16, 16), 1)

@@ -8,9 +8,11 @@ from diffusers import DDIMPipeline, DDPMPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from conftest import tiny_unet
-from flexdiff.engine import HOOK_NAME, StepEngine, anatomy, apply_schedule
+from flexdiff.anatomy import anatomy
+from flexdiff.engine import HOOK_NAME, StepEngine, apply_schedule
 from flexdiff.errors import FlexdiffError
-from flexdiff.sampling import Conditioning, initial_noise, make_scheduler, sample
+from flexdiff.samplers import make_scheduler
+from flexdiff.sampling import Conditioning, initial_noise, sample
 from flexdiff.schedule import FULL, NULL, Schedule, partial
 
 

@@ -14,10 +14,10 @@ from flexdiff.errors import FlexdiffError
 from flexdiff.experts.agent import AgentConfig, SpecSpace, check_budget, choose_within_budget, train_agent
 from flexdiff.experts.elastic import ElasticUNet
 from flexdiff.experts.finetune import IntervalBatches, TuneConfig, taylor_importance, tune_elastic, tune_static
-from flexdiff.experts.intervals import Intervals
-from flexdiff.experts.mixture import Mixture, load_mixture, save_mixture
+from flexdiff.mixture import Intervals, Mixture, load_mixture, save_mixture
 from flexdiff.models import load_model
-from flexdiff.sampling import initial_noise, make_scheduler, sample
+from flexdiff.samplers import make_scheduler
+from flexdiff.sampling import initial_noise, sample
 from flexdiff.schedule import Schedule
 
 

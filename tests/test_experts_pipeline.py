@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from flexdiff.errors import FlexdiffError
-from flexdiff.experts.mixture import Mixture
+from flexdiff.experts.baselines import pruned_baseline, uniform_experts
 from flexdiff.experts.pipeline import ExpertsConfig, ExpertsPipeline
+from flexdiff.mixture import Mixture
 from flexdiff.models import default_mixture_dir, load_model
 from flexdiff.sampling import initial_noise, sample
 from flexdiff.schedule import Schedule
@@ -36,10 +37,10 @@ def test_small_pipeline_on_the_default_model_stage_by_stage(tmp_path):
     # a second run finds every stage done and returns the same folder
     assert ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**SMALL)).run() == out
     # the baselines: same-width experts and one pruned model, each at about the mixture's MACs
-    uni = load_model(pipe.uniform_experts())
+    uni = load_model(uniform_experts(pipe))
     specs = {json.dumps(e["spec"]) for e in uni.unet.manifest["experts"]}
     assert len(specs) == 1
-    pruned = pipe.pruned_baseline()
+    pruned = pruned_baseline(pipe)
     info = json.loads((pruned / "pruning.json").read_text())
     assert info["steps"] == 2 * (2 + 2)  # the experts' total fine-tuning steps
     assert not isinstance(load_model(pruned).unet, Mixture)

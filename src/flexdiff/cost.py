@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .engine import StepEngine, is_mixture
+from .engine import StepEngine
+from .mixture import expert_for_step, is_mixture
 from .models import UNet, UNet2DConditionModel
+from .samplers import sampler_timesteps
 from .schedule import FULL, Schedule, StepKind, partial
 
 
@@ -69,7 +71,7 @@ class MixtureStepCosts:
     """
 
     experts: tuple[StepCosts, ...]
-    intervals: Any  # the mixture's flexdiff.experts.Intervals (its routing)
+    intervals: Any  # the mixture's flexdiff.mixture.Intervals (its routing)
     scheduler_config: tuple  # sorted items, so the dataclass stays hashable
 
     @property
@@ -86,30 +88,14 @@ class MixtureStepCosts:
         return self.experts[0].guidance_factor
 
     def schedule_macs(self, schedule: Schedule) -> float:
-        timesteps = _schedule_timesteps(schedule, dict(self.scheduler_config))
         total, expert = 0.0, 0
-        for step, t in zip(schedule.steps, timesteps):
-            if step.kind is StepKind.FULL:
-                expert = self.intervals.index(float(t))
+        for step, t in zip(schedule.steps, sampler_timesteps(schedule, dict(self.scheduler_config))):
+            expert = expert_for_step(step.kind, t, expert, self.intervals)
             total += self.experts[expert].step_macs(step.kind, step.branch)
         return total
 
     def to_dict(self) -> dict:
         return dict(experts=[c.to_dict() for c in self.experts], starts=list(self.intervals.starts))
-
-
-_TIMESTEPS: dict = {}
-
-
-def _schedule_timesteps(schedule: Schedule, scheduler_config: dict) -> list[float]:
-    from .sampling import make_scheduler, set_timesteps
-
-    key = (schedule.sampler, schedule.num_steps, schedule.timesteps, tuple(sorted(scheduler_config.items())))
-    if key not in _TIMESTEPS:
-        sched = make_scheduler(schedule.sampler, scheduler_config)
-        set_timesteps(sched, schedule)
-        _TIMESTEPS[key] = [float(t) for t in sched.timesteps]
-    return _TIMESTEPS[key]
 
 
 @torch.no_grad()

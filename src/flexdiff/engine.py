@@ -19,87 +19,13 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .anatomy import anatomy
 from .errors import FlexdiffError
+from .mixture import expert_for_step, experts_of, is_mixture
+from .samplers import SCHEDULER_CLASSES
 from .schedule import Schedule, StepKind
 
 HOOK_NAME = "flexdiff_step_engine"
-
-
-@dataclass
-class Unit:
-    """A group of modules that is skipped or run together; `depth` = index of the skip tensor it touches."""
-
-    name: str
-    modules: list[torch.nn.Module]
-    depth: int
-
-
-@dataclass
-class UNetAnatomy:
-    """Where partial steps may cut a UNet: its units, its blocks, and the number of branches."""
-
-    units: list[Unit]
-    blocks: list[Unit]  # whole blocks, with depth = the shallowest depth inside them
-    num_branches: int
-
-
-def _block_units(prefix: str, block: torch.nn.Module, depth: int, step: int) -> tuple[list[Unit], int]:
-    """Split a diffusers down/up block into units: (resnet [+attention] [+upsampler]) per skip tensor."""
-    resnets = list(block.resnets)
-    attentions = list(getattr(block, "attentions", None) or [])
-    units = []
-    for k, resnet in enumerate(resnets):
-        mods = [resnet] + ([attentions[k]] if k < len(attentions) else [])
-        if step < 0 and k == len(resnets) - 1 and getattr(block, "upsamplers", None):
-            mods += list(block.upsamplers)  # feeds the next up block: cached with this resnet
-        units.append(Unit(f"{prefix}.resnets.{k}", mods, depth))
-        depth += step
-    if step > 0 and getattr(block, "downsamplers", None):
-        units.append(Unit(f"{prefix}.downsamplers", list(block.downsamplers), depth))
-        depth += step
-    return units, depth
-
-
-def anatomy(unet: torch.nn.Module) -> UNetAnatomy:
-    """Find the cache units of a diffusers UNet2DModel / UNet2DConditionModel."""
-    for name in ("conv_in", "down_blocks", "up_blocks"):
-        if not hasattr(unet, name):
-            raise FlexdiffError(f"{type(unet).__name__} is not a diffusers UNet (no {name})")
-    if any(hasattr(b, "skip_conv") for b in list(unet.down_blocks) + list(unet.up_blocks)):
-        raise FlexdiffError("UNets with skip-sample blocks (AttnSkipDownBlock2D ...) are not supported")
-    units, blocks = [], []
-    depth = 1  # s_0 is conv_in's output, always computed
-    for j, block in enumerate(unet.down_blocks):
-        first = depth
-        bu, depth = _block_units(f"down_blocks.{j}", block, depth, +1)
-        units += bu
-        blocks.append(Unit(f"down_blocks.{j}", [block], first))
-    num_branches = depth
-    up_consumed = sum(len(b.resnets) for b in unet.up_blocks)
-    if up_consumed != num_branches:
-        raise FlexdiffError(
-            f"unsupported UNet layout: the down path makes {num_branches} skip tensors, "
-            f"the up path consumes {up_consumed}"
-        )
-    if getattr(unet, "mid_block", None) is not None:
-        # the mid block is one unit, hooked once (as a block): every partial step skips it
-        blocks.append(Unit("mid_block", [unet.mid_block], num_branches))
-    depth = num_branches - 1
-    for j, block in enumerate(unet.up_blocks):
-        bu, depth = _block_units(f"up_blocks.{j}", block, depth, -1)
-        units += bu
-        blocks.append(Unit(f"up_blocks.{j}", [block], min(u.depth for u in bu)))
-    return UNetAnatomy(units=units, blocks=blocks, num_branches=num_branches)
-
-
-def is_mixture(model: torch.nn.Module) -> bool:
-    """A mixture of experts (flexdiff.experts.Mixture): experts plus a timestep router."""
-    return hasattr(model, "experts") and hasattr(model, "route")
-
-
-def _experts(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The UNets behind `unet`: itself, or every expert of a mixture."""
-    return list(unet.experts) if is_mixture(unet) else [unet]
 
 
 @dataclass
@@ -150,9 +76,8 @@ class _StepHook(ModelHook):
         elif eng.is_mixture:
             # a full step calls the expert of its timestep; a partial step calls the expert of the last
             # full step, whose deep features are the ones in the cache
-            if step.kind is StepKind.FULL:
-                t = args[1] if len(args) > 1 else kwargs["timestep"]
-                run.expert = int(module.route(t)[0])
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            run.expert = expert_for_step(step.kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
             out = self.fn_ref.original_forward(*args, expert=run.expert, **kwargs)
             run.last_output = out
         else:
@@ -177,7 +102,7 @@ class StepEngine:
         self.unet = unet
         self.pipeline_scheduler = pipeline_scheduler  # checked against the schedule when a run starts
         # a mixture of experts: every expert is hooked; a schedule must fit the one with the fewest branches
-        self.anatomies = [anatomy(m) for m in _experts(unet)]
+        self.anatomies = [anatomy(m) for m in experts_of(unet)]
         self.anatomy = min(self.anatomies, key=lambda a: a.num_branches)
         schedule.check_fits(self.anatomy.num_branches)
         self.schedule = schedule
@@ -200,8 +125,6 @@ class StepEngine:
 
     def check_pipeline_scheduler(self) -> None:
         """Refuse a pipeline whose scheduler does not fit the schedule (kind and step count)."""
-        from .sampling import SCHEDULER_CLASSES  # imported here: sampling imports this module
-
         sched, want = self.pipeline_scheduler, self.schedule
         cls = SCHEDULER_CLASSES[want.sampler]
         if not isinstance(sched, cls):
@@ -263,8 +186,3 @@ def apply_schedule(model_or_pipeline: Any, schedule: Schedule) -> StepEngine:
     """
     unet = getattr(model_or_pipeline, "unet", model_or_pipeline)
     return StepEngine(unet, schedule, getattr(model_or_pipeline, "scheduler", None)).attach()
-
-
-def num_branches(unet: torch.nn.Module) -> int:
-    """Cache branches a schedule may use on `unet` (on a mixture: those every expert has)."""
-    return min(anatomy(m).num_branches for m in _experts(unet))

@@ -11,6 +11,8 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 from .errors import FlexdiffError
 from .io import read_json_object
+from .mixture import experts_of, is_mixture_folder, load_mixture
+from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
 
 UNet = UNet2DModel | UNet2DConditionModel
 
@@ -29,16 +31,6 @@ DEFAULT_UNET_CONFIG = dict(
     attention_head_dim=32,
     num_class_embeds=DIGIT_CLASSES + 1,
 )
-
-# The noise schedule the default model is trained with (DDPM, linear betas, 1,000 steps).
-DEFAULT_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.0001,
-    beta_end=0.02,
-    beta_schedule="linear",
-    prediction_type="epsilon",
-)
-
 
 def assets_dir() -> Path:
     return Path(str(resources.files("flexdiff") / "assets"))
@@ -63,10 +55,7 @@ class LoadedModel:
 
     @property
     def is_conditional(self) -> bool:
-        from .engine import is_mixture
-
-        first = self.unet.experts[0] if is_mixture(self.unet) else self.unet  # a mixture: its experts' class
-        return isinstance(first, UNet2DConditionModel)
+        return isinstance(experts_of(self.unet)[0], UNet2DConditionModel)  # a mixture: its experts' class
 
 
 def load_model(path: Path | str | None = None) -> LoadedModel:
@@ -80,9 +69,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
         raise FlexdiffError(f"--model {path}: no such file or folder")
     if not path.is_dir():
         raise FlexdiffError(f"--model {path}: expected a diffusers model folder, got a file")
-    from .experts.mixture import is_mixture, load_mixture
-
-    if is_mixture(path):  # a mixture of experts folder (flexdiff experts): one UNet per timestep interval
+    if is_mixture_folder(path):  # a mixture of experts folder (flexdiff experts): one UNet per timestep interval
         mixture, _ = load_mixture(path)
         return LoadedModel(unet=mixture, scheduler_config=mixture.scheduler_config, path=path)
     unet_dir, sched_file = path, path / "scheduler_config.json"
@@ -127,31 +114,6 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     return LoadedModel(unet=unet, scheduler_config=sched, path=path)
 
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def check_scheduler_config(config: dict, where: Path | str) -> dict:
-    """The noise-schedule fields flexdiff's samplers read, checked here so a bad value names its file."""
-    def bad(field, why):
-        return FlexdiffError(f"{where}: {field} is {config[field]!r}; {why}")
-
-    T = config.get("num_train_timesteps", 1000)
-    if "num_train_timesteps" in config and (isinstance(T, bool) or not isinstance(T, int) or T < 2):
-        raise bad("num_train_timesteps", "expected a whole number >= 2")
-    for f in ("beta_start", "beta_end"):
-        v = config.get(f)
-        if f in config and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
-            raise bad(f, "expected a number between 0 and 1")
-    if "beta_start" in config and "beta_end" in config and config["beta_start"] > config["beta_end"]:
-        raise bad("beta_start", f"it must not exceed beta_end ({config['beta_end']!r})")
-    if "beta_schedule" in config and config["beta_schedule"] not in BETA_SCHEDULES:
-        raise bad("beta_schedule", f"accepted values are {', '.join(BETA_SCHEDULES)}")
-    if "prediction_type" in config and config["prediction_type"] not in PREDICTION_TYPES:
-        raise bad("prediction_type", f"accepted values are {', '.join(PREDICTION_TYPES)}")
-    return config
-
-
 def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:
     """A freshly initialised UNet with the default architecture (for training)."""
     torch.manual_seed(seed)
@@ -167,26 +129,3 @@ def save_model(unet: UNet, scheduler_config: dict, out_dir: Path) -> Path:
     unet.save_pretrained(out_dir, safe_serialization=True)
     write_json(out_dir / "scheduler_config.json", scheduler_config)
     return out_dir
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of every parameter and buffer: part of a run's identity (what it runs on)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def data_fingerprint(*tensors: torch.Tensor | None) -> str:
-    """A short hash of training data (images, labels): part of a run's identity."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is not None:
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -7,47 +7,16 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from .engine import StepEngine, is_mixture, num_branches
+from .anatomy import num_branches
+from .engine import StepEngine
 from .errors import FlexdiffError
+from .mixture import is_mixture
 from .models import UNet, UNet2DConditionModel
-from .schedule import SAMPLERS, Schedule
+from .samplers import make_scheduler, num_train_timesteps, set_timesteps
+from .schedule import Schedule
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
-
-
-# The diffusers scheduler class behind each sampler name of a Schedule, and the settings flexdiff
-# gives it on top of the model's scheduler config.
-SCHEDULER_CLASSES = {
-    "ddim": DDIMScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
-SCHEDULER_OPTIONS = {
-    "ddim": dict(timestep_spacing="trailing", clip_sample=False),
-    "dpmsolver++": dict(algorithm_type="dpmsolver++", solver_order=2),
-    "euler": {},
-}
-
-
-def make_scheduler(sampler: str, scheduler_config: dict):
-    """A fresh diffusers scheduler of kind `sampler` for a model trained with `scheduler_config`.
-
-    DDIM uses "trailing" timestep spacing, so that few-step runs start at the last training
-    timestep (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
-    """
-    if sampler not in SCHEDULER_CLASSES:
-        raise FlexdiffError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
-    cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    return SCHEDULER_CLASSES[sampler].from_config(cfg, **SCHEDULER_OPTIONS[sampler])
-
-
-def set_timesteps(scheduler, schedule: Schedule) -> None:
-    if schedule.timesteps is None:
-        scheduler.set_timesteps(schedule.num_steps)
-    else:
-        scheduler.set_timesteps(timesteps=list(schedule.timesteps))
 
 
 def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -159,8 +128,7 @@ def sample(
     if isinstance(first, UNet2DConditionModel) and cond is None:
         raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
     cond = cond if cond is not None else null_conditioning(unet)
-    n_train = int(scheduler_config.get("num_train_timesteps", 1000))
-    schedule.check_fits(num_branches(unet), num_train_timesteps=n_train)
+    schedule.check_fits(num_branches(unet), num_train_timesteps=num_train_timesteps(scheduler_config))
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
     set_timesteps(scheduler, schedule)
     if len(scheduler.timesteps) != schedule.num_steps:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .errors import FlexdiffError
 from .io import read_json, write_json
+from .samplers import SAMPLERS
 
-SAMPLERS = ("ddim", "dpmsolver++", "euler")
 SCHEDULE_FORMAT = 1
 SCHEDULE_FIELDS = frozenset({"format", "name", "sampler", "num_steps", "steps", "timesteps", "meta"})
 

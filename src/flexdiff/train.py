@@ -8,8 +8,6 @@ classifier-free guidance (Ho & Salimans 2022).
 from __future__ import annotations
 
 import copy
-import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,13 +16,17 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from .configs import Config
 from .errors import FlexdiffError
-from .io import load_checkpoint, torch_save, write_json
-from .models import DEFAULT_SCHEDULER_CONFIG, UNet2DModel, data_fingerprint, save_model
+from .fingerprints import data_fingerprint
+from .fit import Fit, noised, warmup_cosine
+from .io import write_json
+from .models import UNet2DModel, save_model
+from .samplers import DEFAULT_SCHEDULER_CONFIG
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     steps: int = 4000
     batch_size: int = 128
     lr: float = 1e-3
@@ -38,7 +40,7 @@ class TrainConfig:
     label_dropout: float = 0.1  # fraction of labels replaced by the null label (conditional models)
     snapshot_every: int = 0  # also save the EMA model every N steps under snapshots/ (0: never)
 
-    def __post_init__(self):
+    def check(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise FlexdiffError(f"--lr-schedule {self.lr_schedule!r}: accepted values are {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -53,14 +55,6 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("cosine", "constant")
-
-
-def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to `floor` x peak at the last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -126,66 +120,35 @@ def train(
             )
         if int(labels.min()) < 0 or int(labels.max()) >= null:
             raise FlexdiffError(f"labels must lie in 0..{null - 1} (the model has {null} classes)")
-    noise_sched = DDPMScheduler(**scheduler_config)
-    alphas_cumprod = noise_sched.alphas_cumprod
-    gen = torch.Generator().manual_seed(cfg.seed)
+    alphas_cumprod = DDPMScheduler(**scheduler_config).alphas_cumprod
     unet.train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     init = {k: v.detach().clone() for k, v in unet.named_parameters()}  # theta_0, for the EMA's bias correction
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start, losses, elapsed = 0, [], 0.0
-
     data_fp = data_fingerprint(images, labels)
-    ckpt_path = out_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if not isinstance(ckpt, dict) or "model" not in ckpt:
-            raise FlexdiffError(f"{ckpt_path}: not a flexdiff training checkpoint; delete it or use another --out folder")
-        if ckpt.get("data", data_fp) != data_fp:
-            raise FlexdiffError(f"{ckpt_path}: this run was trained on other data (fingerprint {ckpt['data']}, now "
-                                f"{data_fp}); use the same --data to resume, or another --out folder")
-        saved = TrainConfig(**ckpt["config"]) if isinstance(ckpt.get("config"), dict) else None
-        if saved is None or saved.resume_key() != cfg.resume_key() or ckpt["step"] > cfg.steps:
-            raise FlexdiffError(
-                f"{ckpt_path}: checkpoint was written with other settings {ckpt['config']}; "
-                "use the same settings to resume or another --out folder"
-            )
-        unet.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        init = ckpt.get("init", init)  # checkpoints from before the bias correction: the same seed made theta_0
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
-        start, losses, elapsed = ckpt["step"], ckpt["losses"], ckpt["elapsed"]
 
-    def checkpoint(step: int) -> None:
-        torch_save(
-            ckpt_path,
-            dict(
-                model=unet.state_dict(),
-                ema=ema.state_dict(),
-                init=init,
-                data=data_fp,
-                optimizer=opt.state_dict(),
-                generator=gen.get_state(),
-                step=step,
-                losses=losses,
-                elapsed=elapsed,
-                config=asdict(cfg),
-            ),
-        )
+    def refuse(ck: dict) -> str | None:
+        if ck.get("data", data_fp) != data_fp:
+            return (f"this run was trained on other data (fingerprint {ck['data']}, now {data_fp}); use the same "
+                    "--data to resume, or another --out folder")
+        saved = TrainConfig(**ck["config"]) if isinstance(ck.get("config"), dict) else None
+        if saved is None or saved.resume_key() != cfg.resume_key() or ck["step"] > cfg.steps:
+            return (f"checkpoint was written with other settings {ck.get('config')}; use the same settings to "
+                    "resume or another --out folder")
+        return None
 
-    task = progress.add_task("training", total=cfg.steps, completed=start) if progress else None
+    fit = Fit(out_dir / "checkpoint.pt", cfg.steps, torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0),
+              torch.Generator().manual_seed(cfg.seed), {"model": unet, "ema": ema},
+              checkpoint_every=cfg.checkpoint_every, lr_at=lambda step: _lr_at(step, cfg),
+              state={"init": init},  # checkpoints from before the bias correction: the same seed made theta_0
+              tags={"data": data_fp, "config": asdict(cfg)}, refuse=refuse, what="training checkpoint")
     n = images.shape[0]
-    t0 = time.perf_counter() - elapsed
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+
+    def step_loss(step: int, gen: torch.Generator) -> float:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, len(alphas_cumprod), (cfg.batch_size,), generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # forward process q(x_t | x_0), DDPM eq. 4
+        xt = noised(x0, noise, t, alphas_cumprod)
         if null is None:
             pred = unet(xt, t).sample
         else:  # label dropout teaches the null label: the unconditional half of guidance
@@ -193,26 +156,22 @@ def train(
             y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = null
             pred = unet(xt, t, class_labels=y).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        return loss.item()
+
+    def after_step(done: int) -> None:
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(pm, 1 - cfg.ema_decay)
-        losses.append(loss.item())
-        elapsed = time.perf_counter() - t0
-        if task is not None:
-            recent = sum(losses[-50:]) / len(losses[-50:])
-            progress.update(task, advance=1, description=f"training loss {recent:.4f}")
         if on_step is not None:
-            on_step(step + 1, losses[-1])
-        if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
-            save_model(debiased_ema(ema, init, cfg.ema_decay, step + 1), scheduler_config,
-                       out_dir / "snapshots" / f"step-{step + 1:06d}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            checkpoint(step + 1)
+            on_step(done, fit.losses[-1])
+        if cfg.snapshot_every and done % cfg.snapshot_every == 0:
+            save_model(debiased_ema(ema, fit.state["init"], cfg.ema_decay, done), scheduler_config,
+                       out_dir / "snapshots" / f"step-{done:06d}")
 
+    fit.run(step_loss, progress, "training", describe=lambda f: f"training loss {f.mean_loss(50):.4f}",
+            after_step=after_step)
+    losses, elapsed, init = fit.losses, fit.elapsed, fit.state["init"]
     final_loss = sum(losses[-200:]) / max(1, len(losses[-200:]))
     save_model(debiased_ema(ema, init, cfg.ema_decay, cfg.steps), scheduler_config, out_dir)
     summary = dict(

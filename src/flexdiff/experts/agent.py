@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,14 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..configs import Config
 from ..errors import FlexdiffError
-from ..io import load_checkpoint, save_figure, torch_save, write_json
+from ..fit import Fit
+from ..io import save_figure, write_json
 from .elastic import ElasticUNet, SubnetSpec
 from .finetune import IntervalBatches, denoise_loss
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(Config):
     steps: int = 200
     samples: int = 4  # sub-networks scored per expert and step (on the same batch)
     batch_size: int = 64
@@ -172,23 +173,19 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
     target = budget * teacher_run
     weights = torch.tensor(served, dtype=torch.float64)
     agent = RoutingAgent(len(elastics), space.shape, seed=cfg.seed)
-    opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history, start, elapsed = [], 0, 0.0
-    scale, multiplier = None, 0.0
-    ckpt = out_dir / "agent.pt"
-    if ckpt.exists():
-        ck = load_checkpoint(ckpt)
-        if ck["config"] != asdict(cfg) or ck["budget"] != budget or ck["served"] != list(served):
-            raise FlexdiffError(f"{ckpt}: written with other settings; use the same ones to resume, or another folder")
-        agent.load_state_dict(ck["agent"])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generator"])
-        history, start, elapsed, scale = ck["history"], ck["step"], ck["elapsed"], ck["scale"]
-        multiplier = ck["multiplier"]
-    task = progress.add_task("routing agent", total=cfg.steps, completed=start) if progress else None
-    t0 = time.perf_counter() - elapsed
-    for step in range(start, cfg.steps):
+    settings = dict(budget=budget, served=list(served), config=asdict(cfg))
+
+    def refuse(ck: dict) -> str | None:
+        same = all(ck.get(k) == v for k, v in settings.items())
+        return None if same else "written with other settings; use the same ones to resume, or another folder"
+
+    fit = Fit(out_dir / "agent.pt", cfg.steps, torch.optim.Adam(agent.parameters(), lr=cfg.lr),
+              torch.Generator().manual_seed(cfg.seed), {"agent": agent}, checkpoint_every=cfg.checkpoint_every,
+              clip=None, state=dict(history=[], scale=None, multiplier=0.0), tags=settings, refuse=refuse,
+              what="routing agent checkpoint")
+    state = fit.state
+
+    def step_loss(step: int, gen: torch.Generator) -> float:
         tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
         logits = agent.logits()
         quality = torch.zeros((), dtype=torch.float64)
@@ -213,34 +210,26 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
         # one scale for all experts (a running mean of |advantage|): it keeps the step size steady without
         # erasing how much more one interval's loss depends on width than another's
         s = float(torch.cat(advs).abs().mean()) + 1e-12
-        scale = s if scale is None else 0.9 * scale + 0.1 * s
-        quality = quality / scale
+        state["scale"] = s if state["scale"] is None else 0.9 * state["scale"] + 0.1 * s
+        quality = quality / state["scale"]
         probs = [[F.softmax(lg, dim=-1) for lg in lgs] for lgs in logits]
         expected = sum(weights[e] * space.expected_macs(probs[e]) for e in range(len(elastics)))
         over = torch.log(expected / target)
         # budget loss: a multiplier raised by dual ascent while the expected cost is over the budget
         # (lowered while under), plus a quadratic term; the cost settles on the budget whatever the
         # scale of the quality signal
-        budget_loss = multiplier * over + cfg.budget_weight * over ** 2
+        budget_loss = state["multiplier"] * over + cfg.budget_weight * over ** 2
         entropy = -sum((p * torch.log(p + 1e-12)).sum() for ps in probs for p in ps)
         loss = quality + budget_loss - cfg.entropy * (1 - step / max(1, cfg.steps)) * entropy
-        multiplier = max(0.0, multiplier + cfg.dual_lr * float(over.detach()))
-        opt.zero_grad()
+        state["multiplier"] = max(0.0, state["multiplier"] + cfg.dual_lr * float(over.detach()))
         loss.backward()
-        opt.step()
-        history.append(dict(step=step + 1, expected_fraction=float(expected.detach() / teacher_run), tau=tau,
-                            multiplier=multiplier, losses=mean_losses))
-        elapsed = time.perf_counter() - t0
-        if task is not None:
-            progress.update(task, advance=1,
-                            description=f"routing agent E[MACs] {history[-1]['expected_fraction']:.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            torch_save(ckpt, dict(agent=agent.state_dict(), optimizer=opt.state_dict(), generator=gen.get_state(),
-                                  history=history, step=step + 1, elapsed=elapsed, scale=scale, multiplier=multiplier,
-                                  budget=budget,
-                                  served=list(served), config=asdict(cfg)))
-    if task is not None:
-        progress.remove_task(task)
+        state["history"].append(dict(step=step + 1, expected_fraction=float(expected.detach() / teacher_run), tau=tau,
+                                     multiplier=state["multiplier"], losses=mean_losses))
+        return float(loss.detach())
+
+    fit.run(step_loss, progress, "routing agent",
+            describe=lambda f: f"routing agent E[MACs] {f.state['history'][-1]['expected_fraction']:.3f}")
+    history, elapsed = state["history"], fit.elapsed
     with torch.no_grad():
         logits = agent.logits()
     idx_all = space.indices()

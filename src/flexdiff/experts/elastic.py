@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -31,169 +30,8 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from torch.func import functional_call
 
 from ..errors import FlexdiffError
-
-
-@dataclass(frozen=True)
-class SubnetSpec:
-    """A sub-network: channels per stage and ResNets per down stage (plain data, JSON round-trip)."""
-
-    widths: tuple[int, ...]
-    depths: tuple[int, ...]
-
-    def to_dict(self) -> dict:
-        return dict(widths=list(self.widths), depths=list(self.depths))
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "spec") -> "SubnetSpec":
-        try:
-            return cls(tuple(int(w) for w in d["widths"]), tuple(int(x) for x in d["depths"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise FlexdiffError(f"{where}: a sub-network needs integer lists 'widths' and 'depths' ({e})") from None
-
-    def label(self) -> str:
-        return "w" + "-".join(map(str, self.widths)) + ("/d" + "-".join(map(str, self.depths)))
-
-
-def _layers(cfg) -> tuple[int, ...]:
-    lpb = cfg.layers_per_block
-    n = len(cfg.block_out_channels)
-    return tuple(lpb) if isinstance(lpb, (list, tuple)) else (int(lpb),) * n
-
-
-def full_spec(unet) -> SubnetSpec:
-    return SubnetSpec(tuple(unet.config.block_out_channels), _layers(unet.config))
-
-
-def _time_embed_dim(unet) -> int:
-    return unet.time_embedding.linear_2.out_features
-
-
-def subnet_config(unet, spec: SubnetSpec) -> dict:
-    """The rewritten diffusers config of the static sub-network."""
-    cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
-    cfg["block_out_channels"] = list(spec.widths)
-    if len(set(spec.depths)) == 1:
-        cfg["layers_per_block"] = spec.depths[0]
-    elif isinstance(unet, UNet2DModel):
-        raise FlexdiffError(
-            f"depths {list(spec.depths)}: a UNet2DModel has one layers_per_block for all stages; "
-            "give every stage the same depth"
-        )
-    else:
-        cfg["layers_per_block"] = list(spec.depths)
-    cfg["time_embedding_dim"] = _time_embed_dim(unet)  # keep the time embedding's size
-    return cfg
-
-
-def _attention_is_plain(attn) -> bool:
-    """diffusers' `Attention` (self-attention with residual), not a Transformer2DModel."""
-    return hasattr(attn, "to_q") and hasattr(attn, "to_out")
-
-
-# A dim's layout: a list of (space, full size) segments (several when tensors were concatenated),
-# or None when the dim is never cut. Spaces: ("s", i) = channels of stage i, ("inner", name) =
-# the query/key/value dims of one attention module.
-Segments = list[tuple[tuple, int]] | None
-
-
-class _Walker:
-    """Pairs every parameter of a sub-network with its full parameter and the layout of its dims."""
-
-    def __init__(self, full, spec: SubnetSpec):
-        self.full, self.spec = full, spec
-        self.ch = tuple(full.config.block_out_channels)
-        self.layers = _layers(full.config)
-        self.rows: list[tuple[str, str, tuple[Segments, ...]]] = []
-        self.links: list[tuple[int, int]] = []  # stages joined by an identity shortcut
-        self.norms: list[tuple[Segments, int]] = []  # every GroupNorm: its layout and group count
-
-    def s(self, i: int) -> Segments:
-        return [(("s", i), self.ch[i])]
-
-    def add(self, sub: str, full: str, *dims: Segments) -> None:
-        self.rows.append((sub, full, dims))
-
-    def conv(self, sub, full, out: Segments, inp: Segments, module) -> None:
-        self.add(f"{sub}.weight", f"{full}.weight", out, inp)
-        if module.bias is not None:
-            self.add(f"{sub}.bias", f"{full}.bias", out)
-
-    def norm(self, sub, full, seg: Segments, groups: int | None = None) -> None:
-        if groups is not None:
-            self.norms.append((seg, groups))
-        self.add(f"{sub}.weight", f"{full}.weight", seg)
-        self.add(f"{sub}.bias", f"{full}.bias", seg)
-
-    def resnet(self, sub, full, r, inp: Segments, out: Segments) -> None:
-        self.norm(f"{sub}.norm1", f"{full}.norm1", inp, r.norm1.num_groups)
-        self.conv(f"{sub}.conv1", f"{full}.conv1", out, inp, r.conv1)
-        if r.time_emb_proj is not None:
-            self.conv(f"{sub}.time_emb_proj", f"{full}.time_emb_proj", out, None, r.time_emb_proj)
-        self.norm(f"{sub}.norm2", f"{full}.norm2", out, r.norm2.num_groups)
-        self.conv(f"{sub}.conv2", f"{full}.conv2", out, out, r.conv2)
-        if r.conv_shortcut is not None:
-            self.conv(f"{sub}.conv_shortcut", f"{full}.conv_shortcut", out, inp, r.conv_shortcut)
-        elif inp != out:
-            # an identity shortcut joins two stages into one channel space: they share one ordering, and a
-            # sub-network where their widths differ gets a 1x1 shortcut that selects the common channels
-            self.links.append((inp[0][0][1], out[0][0][1]))
-            self.rows.append((f"{sub}.conv_shortcut", None, ("identity", inp[0][0], out[0][0])))
-
-    def attention(self, sub, full, a, stage: int) -> None:
-        seg = self.s(stage)
-        if not _attention_is_plain(a):
-            # cross-attention transformers: their inner layouts are not cut; the stage must stay whole
-            self.rows.append((sub, full, ("whole", stage)))
-            return
-        inner = [(("inner", full), a.to_q.out_features)]
-        if a.group_norm is not None:
-            self.norm(f"{sub}.group_norm", f"{full}.group_norm", seg, a.group_norm.num_groups)
-        for name in ("to_q", "to_k", "to_v"):
-            self.conv(f"{sub}.{name}", f"{full}.{name}", inner, seg, getattr(a, name))
-        self.conv(f"{sub}.to_out.0", f"{full}.to_out.0", seg, inner, a.to_out[0])
-
-    def walk(self) -> "_Walker":
-        f, n = self.full, len(self.ch)
-        depths = self.spec.depths
-        self.conv("conv_in", "conv_in", self.s(0), None, f.conv_in)
-        for i, block in enumerate(f.down_blocks):
-            inp = self.s(max(i - 1, 0))
-            attns = list(getattr(block, "attentions", None) or [])
-            for k in range(depths[i]):
-                self.resnet(f"down_blocks.{i}.resnets.{k}", f"down_blocks.{i}.resnets.{k}", block.resnets[k],
-                            inp if k == 0 else self.s(i), self.s(i))
-                if k < len(attns):
-                    self.attention(f"down_blocks.{i}.attentions.{k}", f"down_blocks.{i}.attentions.{k}", attns[k], i)
-            if getattr(block, "downsamplers", None):
-                self.conv(f"down_blocks.{i}.downsamplers.0.conv", f"down_blocks.{i}.downsamplers.0.conv",
-                          self.s(i), self.s(i), block.downsamplers[0].conv)
-        mid = getattr(f, "mid_block", None)
-        if mid is not None:
-            for k, r in enumerate(mid.resnets):
-                self.resnet(f"mid_block.resnets.{k}", f"mid_block.resnets.{k}", r, self.s(n - 1), self.s(n - 1))
-            for k, a in enumerate(getattr(mid, "attentions", None) or []):
-                if a is not None:
-                    self.attention(f"mid_block.attentions.{k}", f"mid_block.attentions.{k}", a, n - 1)
-        for j, block in enumerate(f.up_blocks):
-            i = n - 1 - j
-            full_n, d = self.layers[i], depths[i]
-            attns = list(getattr(block, "attentions", None) or [])
-            prev = self.s(min(i + 1, n - 1))
-            for m in range(d + 1):
-                fm = 0 if m == 0 else m + full_n - d  # which full ResNet this one is
-                hidden = prev if fm == 0 else self.s(i)
-                skip = self.s(i) if fm < full_n else self.s(max(i - 1, 0))
-                self.resnet(f"up_blocks.{j}.resnets.{m}", f"up_blocks.{j}.resnets.{fm}", block.resnets[fm],
-                            hidden + skip, self.s(i))
-                if fm < len(attns):
-                    self.attention(f"up_blocks.{j}.attentions.{m}", f"up_blocks.{j}.attentions.{fm}", attns[fm], i)
-            if getattr(block, "upsamplers", None):
-                self.conv(f"up_blocks.{j}.upsamplers.0.conv", f"up_blocks.{j}.upsamplers.0.conv",
-                          self.s(i), self.s(i), block.upsamplers[0].conv)
-        if f.conv_norm_out is not None:
-            self.norm("conv_norm_out", "conv_norm_out", self.s(0), f.conv_norm_out.num_groups)
-        self.conv("conv_out", "conv_out", None, self.s(0), f.conv_out)
-        return self
+from ..mixture import SubnetSpec, full_spec
+from .walker import IdentityRow, ParamRow, Walker, WholeRow, attention_is_plain, segment_index, subnet_config
 
 
 class ElasticUNet(torch.nn.Module):
@@ -208,12 +46,12 @@ class ElasticUNet(torch.nn.Module):
         self._templates: OrderedDict[SubnetSpec, torch.nn.Module] = OrderedDict()
         self._plans: dict[SubnetSpec, list] = {}
         self.full = full_spec(unet)
-        walker = _Walker(unet, self.full).walk()
-        self._whole_stages = {row[2][1] for row in walker.rows if row[2][:1] == ("whole",)}
+        walker = Walker(unet, self.full).walk()
+        self._whole_stages = {row.stage for row in walker.rows if isinstance(row, WholeRow)}
         self._links = walker.links
         self._cells = self._norm_cells(walker)
 
-    def _norm_cells(self, walker: "_Walker") -> dict[int, list[int]]:
+    def _norm_cells(self, walker: "Walker") -> dict[int, list[int]]:
         """Per stage, the boundaries of the finest partition that no GroupNorm group crosses.
 
         A channel may move only inside its cell: then every GroupNorm (including those over
@@ -245,7 +83,7 @@ class ElasticUNet(torch.nn.Module):
 
     def _min_attention_width(self, stage: int) -> int:
         hd = getattr(self.unet.config, "attention_head_dim", None)
-        has_attn = any(_attention_is_plain(a) for a in self._stage_attentions(stage))
+        has_attn = any(attention_is_plain(a) for a in self._stage_attentions(stage))
         return int(hd) if (has_attn and isinstance(self.unet, UNet2DModel) and hd) else 0
 
     def _stage_attentions(self, stage: int):
@@ -309,35 +147,30 @@ class ElasticUNet(torch.nn.Module):
             keep = self._keep(spec)
             sub_params = dict(template.named_parameters())
             rows = []
-            for sub, full, dims in _Walker(self.unet, spec).walk().rows:
-                if dims[:1] == ("identity",):
-                    if f"{sub}.weight" in sub_params:
-                        rows.append((sub, None, (keep[dims[1]], keep[dims[2]])))
+            for row in Walker(self.unet, spec).walk().rows:
+                if isinstance(row, IdentityRow):
+                    if f"{row.sub}.weight" in sub_params:
+                        rows.append((row.sub, None, (keep[row.inp], keep[row.out])))
                     continue
-                if dims[:1] == ("whole",):
-                    prefix_s, prefix_f = sub + ".", full + "."
+                if isinstance(row, WholeRow):
+                    prefix_s, prefix_f = row.sub + ".", row.full + "."
                     for name in sub_params:
                         if name.startswith(prefix_s):
                             rows.append((name, prefix_f + name[len(prefix_s):], None))
                     continue
-                if sub not in sub_params:
+                if row.sub not in sub_params:
                     # a learned shortcut between stages cut to equal widths: diffusers builds an identity there
                     continue
                 idx = []
-                for d, segs in enumerate(dims):
+                for d, segs in enumerate(row.dims):
                     if segs is None:
                         idx.append(None)
                         continue
-                    parts, offset = [], 0
-                    for space, size in segs:
-                        kept = keep.get(space)
-                        if kept is None:  # attention inner dims: a prefix, as long as the template's
-                            kept = torch.arange(sub_params[sub].shape[d])
-                        parts.append(kept + offset)
-                        offset += size
-                    cat = torch.cat(parts)
-                    idx.append(None if len(cat) == offset and torch.equal(cat, torch.arange(offset)) else cat)
-                rows.append((sub, full, idx))
+                    # attention inner dims are not in `keep`: a prefix, as long as the template's
+                    cat = segment_index(segs, lambda space, size: keep.get(space, torch.arange(sub_params[row.sub].shape[d])))
+                    whole = sum(size for _, size in segs)
+                    idx.append(None if len(cat) == whole and torch.equal(cat, torch.arange(whole)) else cat)
+                rows.append((row.sub, row.full, idx))
             names = {r[0] for r in rows}
             full_params = dict(self.unet.named_parameters())
             for name in set(sub_params) - names:  # layers no cut touches (time embedding ...)
@@ -427,19 +260,14 @@ class ElasticUNet(torch.nn.Module):
             ])
         params = dict(self.unet.named_parameters())
         new = {}
-        for sub, full, dims in _Walker(self.unet, self.full).walk().rows:
-            if dims[:1] in (("whole",), ("identity",)):
+        for row in Walker(self.unet, self.full).walk().rows:
+            if not isinstance(row, ParamRow):
                 continue
-            t = params[full]
-            for d, segs in enumerate(dims):
-                if segs is None:
-                    continue
-                parts, offset = [], 0
-                for space, size in segs:
-                    parts.append(perms.get(space, torch.arange(size)) + offset)
-                    offset += size
-                t = t.index_select(d, torch.cat(parts))
-            new[full] = t.clone()
+            t = params[row.full]
+            for d, segs in enumerate(row.dims):
+                if segs is not None:
+                    t = t.index_select(d, segment_index(segs, lambda space, size: perms.get(space, torch.arange(size))))
+            new[row.full] = t.clone()
         for name, t in new.items():
             params[name].copy_(t)
         self._plans.clear()
@@ -452,11 +280,11 @@ def stage_scores(elastic: ElasticUNet, grads: dict[str, torch.Tensor]) -> dict[i
     Diff-Pruning uses it).
     """
     scores = {i: torch.zeros(c) for i, c in enumerate(elastic.full.widths)}
-    for sub, full, dims in _Walker(elastic.unet, elastic.full).walk().rows:
-        if dims[:1] in (("whole",), ("identity",)) or full not in grads:
+    for row in Walker(elastic.unet, elastic.full).walk().rows:
+        if not isinstance(row, ParamRow) or row.full not in grads:
             continue
-        g = grads[full]
-        for d, segs in enumerate(dims):
+        g = grads[row.full]
+        for d, segs in enumerate(row.dims):
             if segs is None:
                 continue
             red = g.transpose(0, d).reshape(g.shape[d], -1).sum(1) if g.dim() > 1 else g

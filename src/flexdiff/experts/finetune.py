@@ -9,7 +9,6 @@ the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from ..configs import Config
 from ..errors import FlexdiffError
-from ..io import load_checkpoint, torch_save
-from ..train import warmup_cosine
+from ..fit import Fit, noised, warmup_cosine
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(Config):
     steps: int = 300
     batch_size: int = 64
     lr: float = 5e-4
@@ -64,8 +63,7 @@ class IntervalBatches:
         x0 = self.images[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(self.lo, self.hi + 1, (n,), generator=gen)
-        a = self.alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0), DDPM eq. 4
+        xt = noised(x0, noise, t, self.alphas)
         kwargs = {}
         if self.labels is not None:
             y = self.labels[idx].clone()
@@ -98,46 +96,21 @@ def tune(
 
     `state_modules` are saved in the checkpoint (and restored from it when resuming).
     """
-    ckpt_path = Path(ckpt_path)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    start, losses, elapsed = 0, [], 0.0
-    if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        if ck["config"] != asdict(cfg):
-            raise FlexdiffError(f"{ckpt_path}: written with other settings {ck['config']}; use the same settings "
-                                "to resume, or another output folder")
-        for name, module in state_modules.items():
-            module.load_state_dict(ck["modules"][name])
-        opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generator"])
-        start, losses, elapsed = ck["step"], ck["losses"], ck["elapsed"]
+    settings = asdict(cfg)
 
-    def checkpoint(step: int) -> None:
-        torch_save(ckpt_path, dict(modules={k: m.state_dict() for k, m in state_modules.items()},
-                                   optimizer=opt.state_dict(), generator=gen.get_state(), step=step,
-                                   losses=losses, elapsed=elapsed, config=asdict(cfg)))
+    def refuse(ck: dict) -> str | None:
+        if ck.get("config") != settings:
+            return (f"written with other settings {ck.get('config')}; use the same settings to resume, or another "
+                    "output folder")
+        return None
 
-    task = progress.add_task(description, total=cfg.steps, completed=start) if progress else None
-    t0 = time.perf_counter() - elapsed
-    for step in range(start, cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss = step_loss(gen)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss))
-        elapsed = time.perf_counter() - t0
-        if task is not None:
-            recent = sum(losses[-20:]) / len(losses[-20:])
-            progress.update(task, advance=1, description=f"{description} loss {recent:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            checkpoint(step + 1)
-    if task is not None:
-        progress.remove_task(task)
-    tail = losses[-50:]
-    return dict(steps=cfg.steps, final_loss_last50=sum(tail) / max(1, len(tail)), wall_time_s=elapsed)
+    fit = Fit(ckpt_path, cfg.steps, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0),
+              torch.Generator().manual_seed(cfg.seed), state_modules, checkpoint_every=cfg.checkpoint_every,
+              lr_at=lambda step: lr_at(step, cfg), tags={"config": settings}, refuse=refuse,
+              what="fine-tuning checkpoint")
+    fit.run(lambda step, gen: float(step_loss(gen)), progress, description,
+            describe=lambda f: f"{description} loss {f.mean_loss(20):.4f}")
+    return dict(steps=cfg.steps, final_loss_last50=fit.mean_loss(50), wall_time_s=fit.elapsed)
 
 
 def tune_static(model, batches: IntervalBatches, ckpt_path: Path, cfg: TuneConfig, progress=None,

@@ -11,7 +11,6 @@ dynamic programming over the cut points.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,75 +18,16 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..errors import FlexdiffError
-from ..io import read_json, save_figure, save_npz, write_json
+from ..fit import noised
+from ..io import save_figure, save_npz
+from ..mixture import Intervals
 
 MEASURES = ("grad", "cka", "mean")
 
 
-@dataclass(frozen=True)
-class Intervals:
-    """Contiguous timestep intervals: `starts[k]` is interval k's first timestep (ascending, from 0)."""
-
-    starts: tuple[int, ...]
-    num_train_timesteps: int
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-
-    def __post_init__(self):
-        s = list(self.starts)
-        if not s or s[0] != 0 or any(b <= a for a, b in zip(s, s[1:])) or s[-1] >= self.num_train_timesteps:
-            raise FlexdiffError(
-                f"intervals: 'starts' must rise strictly from 0 and stay below {self.num_train_timesteps}; got {s}"
-            )
-
-    @property
-    def k(self) -> int:
-        return len(self.starts)
-
-    def bounds(self) -> list[tuple[int, int]]:
-        """[(lo, hi)] inclusive, from the noise-free end up."""
-        ends = list(self.starts[1:]) + [self.num_train_timesteps]
-        return [(a, b - 1) for a, b in zip(self.starts, ends)]
-
-    def indices(self, timesteps) -> np.ndarray:
-        """The interval of every timestep (a float timestep between two starts belongs to the lower one)."""
-        t = np.asarray(timesteps, dtype=np.float64).reshape(-1)
-        return np.maximum(np.searchsorted(np.asarray(self.starts), t, side="right") - 1, 0)
-
-    def index(self, t: float) -> int:
-        return int(self.indices(float(t))[0])
-
-    def steps_served(self, timesteps) -> list[int]:
-        counts = [0] * self.k
-        for t in timesteps:
-            counts[self.index(float(t))] += 1
-        return counts
-
-    def to_dict(self) -> dict:
-        return dict(starts=list(self.starts), bounds=[list(b) for b in self.bounds()],
-                    num_train_timesteps=self.num_train_timesteps, **({"meta": self.meta} if self.meta else {}))
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "intervals") -> "Intervals":
-        try:
-            return cls(tuple(int(x) for x in d["starts"]), int(d["num_train_timesteps"]), d.get("meta", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise FlexdiffError(f"{where}: needs 'starts' (a list of timesteps) and 'num_train_timesteps' ({e})") from None
-
-    def save(self, path: Path) -> None:
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: Path) -> "Intervals":
-        path = Path(path)
-        if not path.exists():
-            raise FlexdiffError(f"{path}: no such intervals file")
-        return cls.from_dict(read_json(path), where=str(path))
-
-
 def _noised(images: torch.Tensor, noise: torch.Tensor, t: int, scheduler_config: dict) -> torch.Tensor:
-    sched = DDPMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")})
-    tt = torch.full((len(images),), t, dtype=torch.long)
-    return sched.add_noise(images, noise, tt)  # x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (DDPM eq. 4)
+    alphas = DDPMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")}).alphas_cumprod
+    return noised(images, noise, torch.full((len(images),), t, dtype=torch.long), alphas)
 
 
 def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

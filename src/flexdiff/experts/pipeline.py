@@ -13,29 +13,30 @@ beside its results and refuses to resume with other settings.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ..configs import Config
 from ..cost import count_macs
-from ..engine import is_mixture
 from ..errors import FlexdiffError
+from ..fingerprints import data_fingerprint, weights_fingerprint
 from ..io import load_weights, read_json, save_safetensors, write_json
-from ..models import LoadedModel, data_fingerprint, weights_fingerprint
-from ..sampling import make_scheduler
-from ..schedule import SAMPLERS
+from ..mixture import Intervals, is_mixture, save_mixture
+from ..models import LoadedModel
+from ..samplers import sampler_timesteps
+from ..schedule import SAMPLERS, Schedule
 from .agent import AgentConfig, SpecSpace, check_budget, train_agent
 from .elastic import ElasticUNet, SubnetSpec
 from .finetune import IntervalBatches, TuneConfig, taylor_importance, tune_elastic, tune_static
-from .intervals import MEASURES, Intervals, find_intervals
-from .mixture import save_mixture
+from .intervals import MEASURES, find_intervals
 
 STAGES = ("intervals", "elastic", "agent", "final")
 
 
 @dataclass(frozen=True)
-class ExpertsConfig:
+class ExpertsConfig(Config):
     budget: float = 0.5  # fraction of the teacher's MACs for the whole sampling run
     sampler: str = "ddim"  # the sampling run the budget is counted on (steps served per expert)
     num_steps: int = 100
@@ -53,7 +54,7 @@ class ExpertsConfig:
     distill: float = 1.0
     seed: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if not 0 < self.budget <= 1:
             raise FlexdiffError(f"--budget {self.budget}: give a fraction of the teacher's MACs in (0, 1]")
         if self.sampler not in SAMPLERS:
@@ -82,16 +83,8 @@ class ExpertsConfig:
             out.update({k: getattr(self, k) for k in keys[s]})
         return out
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ExpertsConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise FlexdiffError(f"unknown experts settings {sorted(unknown)}; accepted: {sorted(names)}")
-        return cls(**d)
 
-
-def _guard(folder: Path, settings: dict) -> None:
+def guard(folder: Path, settings: dict) -> None:
     """Remember a stage's settings; refuse to resume a folder made with other ones."""
     f = folder / "settings.json"
     if f.exists():
@@ -144,7 +137,6 @@ class ExpertsPipeline:
                                 "conditioning data, which this pipeline does not load")
         if is_mixture(model.unet):
             raise FlexdiffError(f"--model {model.path} is already a mixture; give the teacher UNet")
-        cfg.validate()
         self.model, self.cfg, self.progress = model, cfg, progress
         self.out = Path(out_dir)
         self.images, self.labels = training_data(model, images)
@@ -161,7 +153,7 @@ class ExpertsPipeline:
     def intervals(self) -> Intervals:
         folder = self.out / "intervals"
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, {**self.identity, **self.cfg.stage_settings("intervals")})
+        guard(folder, {**self.identity, **self.cfg.stage_settings("intervals")})
         if (folder / "intervals.json").exists():
             return Intervals.load(folder / "intervals.json")
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -185,7 +177,7 @@ class ExpertsPipeline:
         iv = self.intervals()
         folder = self.out / "elastic"
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, {**self.identity, **self.cfg.stage_settings("elastic")})
+        guard(folder, {**self.identity, **self.cfg.stage_settings("elastic")})
         out = []
         for k, (lo, hi) in enumerate(iv.bounds()):
             d = folder / f"expert_{k}"
@@ -209,9 +201,8 @@ class ExpertsPipeline:
         return out
 
     def served(self, iv: Intervals) -> list[int]:
-        sched = make_scheduler(self.cfg.sampler, self.model.scheduler_config)
-        sched.set_timesteps(self.cfg.num_steps)
-        return iv.steps_served(sched.timesteps.tolist())
+        run = Schedule.full(self.cfg.sampler, self.cfg.num_steps)
+        return iv.steps_served(sampler_timesteps(run, self.model.scheduler_config))
 
     def spec_macs(self, elastic: ElasticUNet, spec: SubnetSpec) -> float:
         """MACs of one call of a sub-network (counted once per spec: they do not depend on the weights)."""
@@ -231,7 +222,7 @@ class ExpertsPipeline:
         elastics = self.elastic_experts() if not self._agent_done(budget) else None
         folder = self.budget_dir(budget) / "agent"
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, {**self.identity, **cfg.stage_settings("agent")})
+        guard(folder, {**self.identity, **cfg.stage_settings("agent")})
         if self._agent_done(budget):
             return read_json(folder / "choice.json", "the agent's choice")
         space = self.spec_space(elastics[0])
@@ -269,7 +260,7 @@ class ExpertsPipeline:
         elastics = self.elastic_experts()
         folder = self.budget_dir(budget) / ("final" if name == "mixture" else f"final-{name}")
         folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, {**self.identity, **cfg.stage_settings("final"), "specs": [s.to_dict() for s in specs]})
+        guard(folder, {**self.identity, **cfg.stage_settings("final"), "specs": [s.to_dict() for s in specs]})
         experts = []
         for k, ((lo, hi), spec, elastic) in enumerate(zip(iv.bounds(), specs, elastics)):
             d = folder / f"expert_{k}"
@@ -308,63 +299,3 @@ class ExpertsPipeline:
             elif s == "final":
                 return self.final()
         return None
-
-    # ---- baselines for the bench
-    def uniform_specs(self, elastic: ElasticUNet, run_macs: float, served: list[int]) -> SubnetSpec:
-        """One width fraction for every cut stage (full depth), with the run's MACs closest to `run_macs`.
-
-        The sub-networks come in discrete sizes, so the baseline may get slightly more or less than
-        the mixture; the bench reports every method's own MACs.
-        """
-        best = None
-        for spec in elastic.all_specs():
-            cut = [i for i in range(len(spec.widths)) if len(elastic.width_choices(i)) > 1]
-            if len({round(spec.widths[i] / elastic.full.widths[i], 6) for i in cut}) > 1 or spec.depths != elastic.full.depths:
-                continue
-            m = self.spec_macs(elastic, spec) * sum(served)
-            key = (abs(m - run_macs), m)
-            if best is None or key < best[0]:
-                best = (key, spec)
-        if best is None:
-            raise FlexdiffError(f"no uniform-width sub-network for {run_macs / 1e6:,.0f} M MACs per run")
-        return best[1]
-
-    def uniform_experts(self, budget: float | None = None) -> Path:
-        """The experts without the agent: the same width everywhere, at (at most) the mixture's MACs."""
-        budget = self.cfg.budget if budget is None else budget
-        mix = read_json(self.final(budget) / "mixture.json", "the mixture manifest")
-        served = mix["steps_served"]
-        run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
-        elastic = self.elastic_experts()[0]
-        spec = self.uniform_specs(elastic, run, served)
-        return self.final(budget, [spec] * len(served), name="uniform", info=dict(baseline="uniform width"))
-
-    def pruned_baseline(self, budget: float | None = None) -> Path:
-        """Diff-Pruning-style: one model for all timesteps, Taylor channel importance, same MACs, same steps."""
-        budget = self.cfg.budget if budget is None else budget
-        target = self.budget_dir(budget) / "pruned"
-        if (target / "pruning.json").exists():  # written last: the folder is complete
-            return target
-        mix = read_json(self.final(budget) / "mixture.json", "the mixture manifest")
-        served = mix["steps_served"]
-        run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
-        T = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
-        elastic = ElasticUNet(copy.deepcopy(self.teacher))
-        all_t = self.batches(0, T - 1)
-        elastic.reorder(taylor_importance(elastic, all_t, self.cfg.importance_batches, self.cfg.batch_size,
-                                          seed=self.cfg.seed))
-        spec = self.uniform_specs(elastic, run, served)
-        model = elastic.extract(spec)
-        steps = len(served) * (self.cfg.elastic_steps + self.cfg.final_steps)  # the experts' total
-        folder = self.budget_dir(budget) / "pruned-training"
-        folder.mkdir(parents=True, exist_ok=True)
-        _guard(folder, {**self.identity, **self.cfg.stage_settings("final"), "spec": spec.to_dict(), "steps": steps})
-        summary = tune_static(model, all_t, folder / "checkpoint.pt", self.tune_config(steps, 1000), self.progress,
-                              "Diff-Pruning baseline")
-        from ..models import save_model
-
-        save_model(model, self.model.scheduler_config, target)
-        write_json(target / "pruning.json", dict(spec=spec.to_dict(), steps=steps, summary=summary,
-                                                  macs_per_call=count_macs(model)))
-        (folder / "checkpoint.pt").unlink(missing_ok=True)
-        return target

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..configs import Config
 from ..cost import StepCosts
 from ..errors import FlexdiffError
 from ..io import save_figure, write_json
@@ -29,7 +30,7 @@ METRIC_LABELS = {"distance": "per-sample distance to the teacher", "rfid": "rFID
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(Config):
     budget: float | None = 1 / 16  # max MACs as a fraction of the teacher's; None only with pareto
     pareto: bool = False
     population: int = 16
@@ -83,7 +84,6 @@ def _rank_and_crowding(objs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Search:
     def __init__(self, space, costs: StepCosts, teacher_macs: float, fitness: Callable[[Schedule], tuple[float, float]],
                  cfg: SearchConfig, out_dir: Path, progress=None, model_fingerprint: str | None = None):
-        cfg.check()
         self.space, self.costs, self.fitness, self.cfg = space, costs, fitness, cfg
         self.teacher_macs = teacher_macs
         self.budget_macs = (cfg.budget if cfg.budget is not None else 1.0) * teacher_macs
@@ -331,8 +331,7 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
 
     costs = costs or measure_step_costs(model.unet, guidance=cfg.guidance != 1.0)
     space.validate(len(costs.partial))
-    cfg.check()
-    from ..models import weights_fingerprint
+    from ..fingerprints import weights_fingerprint
 
     teacher = Schedule.full("ddim", cfg.teacher_steps)
     out_dir = Path(out_dir)

@@ -236,3 +236,30 @@ def space_from_dict(d: dict):
     kind = d.pop("kind", "segment")
     cls = {"segment": SegmentSpace, "stepwise": StepwiseSpace}[kind]
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+SPACES = ("segment", "stepwise")
+
+
+def make_space(kind: str, sampler: str, num_train_timesteps: int, num_branches: int,
+               step_choices: tuple[int, ...] | None = None, length_choices: tuple[int, ...] | None = None,
+               branches: tuple[int, ...] | None = None, end_choices: tuple[int, ...] | None = None):
+    """A search space from the search command's options (None: the space's default for that option)."""
+    from ..samplers import check_sampler
+
+    check_sampler(sampler)
+    kw = dict(num_train_timesteps=num_train_timesteps,
+              branches=branches if branches is not None else tuple(range(num_branches)))
+    if step_choices:
+        kw["step_choices"] = step_choices
+    if kind == "segment":
+        if length_choices:
+            kw["length_choices"] = length_choices
+        if end_choices:
+            kw["end_choices"] = end_choices
+        return SegmentSpace(sampler=sampler, **kw)
+    if kind == "stepwise":
+        if sampler == "ddim":
+            raise FlexdiffError("--space stepwise picks its own timesteps: use --sampler dpmsolver++ or euler")
+        return StepwiseSpace(sampler=sampler, **kw)
+    raise FlexdiffError(f"--space {kind!r}: accepted values are {', '.join(SPACES)}")

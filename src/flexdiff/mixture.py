@@ -1,7 +1,12 @@
 """A mixture of experts: one plain diffusers UNet per timestep interval, saved as one folder.
 
+Core data, used by the engine, the cost counter and the loader (the experts package builds
+mixtures; everything else only runs them). Here: the intervals, a sub-network's spec, the
+mixture module and its one routing rule, and the folder format with its checks.
+
 Layout (`mixture.json` is the manifest):
-    mixture.json              format, intervals, one entry per expert (folder, spec, MACs, steps served)
+    mixture.json              format, intervals, one entry per expert (folder, spec, MACs, steps served,
+                              weights fingerprint)
     intervals.json            the intervals alone
     scheduler_config.json     the noise schedule the experts were trained with
     expert_0/ ... expert_K/   each a `save_pretrained` UNet folder (safetensors), loadable with from_pretrained
@@ -12,18 +17,133 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from ..errors import FlexdiffError
-from ..io import read_json_object, write_json
-from .elastic import SubnetSpec, full_spec
-from .intervals import Intervals
+from .errors import FlexdiffError
+from .fingerprints import weights_fingerprint
+from .io import read_json, read_json_object, write_json
+from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
+from .schedule import StepKind
 
 MANIFEST = "mixture.json"
 FORMAT = "flexdiff-mixture/1"
+
+
+def is_mixture(model: torch.nn.Module) -> bool:
+    """A mixture of experts module: experts plus a timestep router."""
+    return hasattr(model, "experts") and hasattr(model, "route")
+
+
+def experts_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNets behind `model`: itself, or every expert of a mixture."""
+    return list(model.experts) if is_mixture(model) else [model]
+
+
+def is_mixture_folder(path: Path) -> bool:
+    return (Path(path) / MANIFEST).exists()
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """Contiguous timestep intervals: `starts[k]` is interval k's first timestep (ascending, from 0)."""
+
+    starts: tuple[int, ...]
+    num_train_timesteps: int
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        s = list(self.starts)
+        if not s or s[0] != 0 or any(b <= a for a, b in zip(s, s[1:])) or s[-1] >= self.num_train_timesteps:
+            raise FlexdiffError(
+                f"intervals: 'starts' must rise strictly from 0 and stay below {self.num_train_timesteps}; got {s}"
+            )
+
+    @property
+    def k(self) -> int:
+        return len(self.starts)
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """[(lo, hi)] inclusive, from the noise-free end up."""
+        ends = list(self.starts[1:]) + [self.num_train_timesteps]
+        return [(a, b - 1) for a, b in zip(self.starts, ends)]
+
+    def indices(self, timesteps) -> np.ndarray:
+        """The interval of every timestep (a float timestep between two starts belongs to the lower one)."""
+        t = np.asarray(timesteps, dtype=np.float64).reshape(-1)
+        return np.maximum(np.searchsorted(np.asarray(self.starts), t, side="right") - 1, 0)
+
+    def index(self, t: float) -> int:
+        return int(self.indices(float(t))[0])
+
+    def steps_served(self, timesteps) -> list[int]:
+        counts = [0] * self.k
+        for t in timesteps:
+            counts[self.index(float(t))] += 1
+        return counts
+
+    def to_dict(self) -> dict:
+        return dict(starts=list(self.starts), bounds=[list(b) for b in self.bounds()],
+                    num_train_timesteps=self.num_train_timesteps, **({"meta": self.meta} if self.meta else {}))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "intervals") -> "Intervals":
+        try:
+            return cls(tuple(int(x) for x in d["starts"]), int(d["num_train_timesteps"]), d.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FlexdiffError(f"{where}: needs 'starts' (a list of timesteps) and 'num_train_timesteps' ({e})") from None
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "Intervals":
+        path = Path(path)
+        if not path.exists():
+            raise FlexdiffError(f"{path}: no such intervals file")
+        return cls.from_dict(read_json(path), where=str(path))
+
+
+@dataclass(frozen=True)
+class SubnetSpec:
+    """A sub-network: channels per stage and ResNets per down stage (plain data, JSON round-trip)."""
+
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return dict(widths=list(self.widths), depths=list(self.depths))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "spec") -> "SubnetSpec":
+        try:
+            return cls(tuple(int(w) for w in d["widths"]), tuple(int(x) for x in d["depths"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FlexdiffError(f"{where}: a sub-network needs integer lists 'widths' and 'depths' ({e})") from None
+
+    def label(self) -> str:
+        return "w" + "-".join(map(str, self.widths)) + ("/d" + "-".join(map(str, self.depths)))
+
+
+def layers_per_stage(cfg) -> tuple[int, ...]:
+    lpb = cfg.layers_per_block
+    n = len(cfg.block_out_channels)
+    return tuple(lpb) if isinstance(lpb, (list, tuple)) else (int(lpb),) * n
+
+
+def full_spec(unet) -> SubnetSpec:
+    return SubnetSpec(tuple(unet.config.block_out_channels), layers_per_stage(unet.config))
+
+
+def expert_for_step(kind: StepKind, timestep, current: int, intervals: "Intervals") -> int:
+    """The routing rule, used by the engine when sampling and by the cost counter: a full step
+    calls the expert of its timestep; partial and null steps stay with the last full step's
+    expert, whose deep features are the ones in the cache."""
+    return intervals.index(float(timestep)) if kind is StepKind.FULL else current
 
 
 class Mixture(torch.nn.Module):
@@ -32,8 +152,6 @@ class Mixture(torch.nn.Module):
     def __init__(self, experts: list, intervals: Intervals, scheduler_config: dict | None = None,
                  manifest: dict | None = None):
         super().__init__()
-        from ..models import DEFAULT_SCHEDULER_CONFIG
-
         self.scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
         if len(experts) != intervals.k:
             raise FlexdiffError(f"{len(experts)} experts for {intervals.k} intervals")
@@ -78,12 +196,6 @@ class Mixture(torch.nn.Module):
         return kind(sample=out) if hasattr(kind, "__dataclass_fields__") else (out,)
 
 
-def weights_fingerprint(model) -> str:
-    from ..models import weights_fingerprint as fingerprint
-
-    return fingerprint(model)
-
-
 def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], scheduler_config: dict,
                  out_dir: Path, info: dict | None = None) -> Path:
     """Write the mixture folder atomically: built beside the target, then renamed into place."""
@@ -114,10 +226,6 @@ def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def is_mixture(path: Path) -> bool:
-    return (Path(path) / MANIFEST).exists()
 
 
 def load_mixture(path: Path) -> tuple[Mixture, dict]:
@@ -170,8 +278,6 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
     if len(shapes) > 1:
         raise FlexdiffError(f"{man_file}: the experts disagree on (in_channels, out_channels, sample_size): {sorted(shapes)}")
     sched_file = path / "scheduler_config.json"
-    from ..models import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
-
     sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
         if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
     T = sched.get("num_train_timesteps", 1000)

@@ -1,0 +1,87 @@
+"""The bench's catalogue: which methods run (the teacher, the solvers, DeepCache, searches,
+mixtures) and the presets, built from options with their checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..configs import Config
+from ..errors import FlexdiffError
+from ..schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str
+    schedule: Schedule
+    model: str | None = None  # another model folder (a mixture, a pruned UNet); None = the bench's model
+
+
+@dataclass(frozen=True)
+class BenchConfig(Config):
+    samples: int = 1000
+    seed: int = 0
+    batch_size: int = 250
+    teacher_steps: int = 100
+    labels: tuple[int, ...] = ()  # class-conditional models: labels cycled over the samples; () = unconditional
+    guidance: float = 1.0  # classifier-free guidance scale, the same for every method
+    ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
+    dpm_steps: tuple[int, ...] = (5, 10, 20)
+    deepcache_intervals: tuple[int, ...] = (2, 3, 5)
+    deepcache_branches: tuple[int, ...] = (0, 2)
+    deepcache_nonuniform: tuple[int, ...] = (3, 5)  # intervals of non-uniform DeepCache (branch 0)
+    # Searches run inside the bench (each resumable under out/searches/): budgets as fractions of the teacher
+    search_budgets: tuple[float, ...] = ()
+    search_population: int = 16
+    search_generations: int = 10
+    search_eval_samples: int = 256
+    flexiffusion_metrics: tuple[str, ...] = ("distance", "fid")  # one Flexiffusion search per fitness
+    autodiffusion: bool = True  # also run the AutoDiffusion-style peer search at each budget
+    # Mixtures of experts: pre-built mixture folders ("default" = the one shipped for the default model),
+    # and budgets at which the bench builds its own (resumable under out/experts/), each with its two
+    # baselines at the same MACs: uniform-width experts and a single Diff-Pruning-style pruned model
+    mixtures: tuple[str, ...] = ()
+    expert_budgets: tuple[float, ...] = ()
+    mixture_deepcache: int = 3  # also run each mixture with DeepCache 1:N at branch 0 (0 = no)
+    expert_settings: tuple[tuple[str, object], ...] = ()  # ExpertsConfig fields to change, as (name, value)
+
+    def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = ()) -> list[Method]:
+        t = self.teacher_steps
+        out = [Method(f"teacher DDIM-{t}", "teacher", Schedule.full("ddim", t))]
+        out += [Method(f"DDIM-{s}", "ddim", Schedule.full("ddim", s)) for s in self.ddim_steps]
+        out += [Method(f"DPM-Solver++-{s}", "dpmsolver++", Schedule.full("dpmsolver++", s)) for s in self.dpm_steps]
+        out += [
+            Method(f"DeepCache 1:{n} b{b} (DDIM-{t})", "deepcache", Schedule.deepcache("ddim", t, n, b))
+            for b in self.deepcache_branches for n in self.deepcache_intervals
+        ]
+        out += [
+            Method(f"DeepCache non-uniform 1:{n} b0 (DDIM-{t})", "deepcache-nu", Schedule.deepcache_nonuniform("ddim", t, n, 0))
+            for n in self.deepcache_nonuniform
+        ]
+        out += [Method(s.name, family, s) for family, s in searched]
+        out += [Method(s.name or f"schedule {i}", "schedule", s) for i, s in enumerate(extra)]
+        return out
+
+
+PRESETS = {
+    # the README's main job: about 6 minutes on 2 cores
+    "quick": BenchConfig(samples=500, ddim_steps=(10, 20, 50), dpm_steps=(5, 10), deepcache_intervals=(3, 5),
+                         deepcache_branches=(0, 2), deepcache_nonuniform=(5,), search_budgets=(1 / 16,),
+                         search_population=12, search_generations=6, search_eval_samples=128,
+                         mixtures=("default",)),
+    # the docs' table: about 2 hours on 2 cores (searches, two mixtures with their baselines)
+    "full": BenchConfig(samples=2000, search_budgets=(1 / 16, 1 / 25), expert_budgets=(0.5, 0.4)),
+}
+
+
+def config_from_options(preset: str, **overrides) -> BenchConfig:
+    """A preset with the options the user gave (None: the preset's value), checked."""
+    if preset not in PRESETS:
+        raise FlexdiffError(f"--preset {preset!r}: accepted values are {', '.join(PRESETS)}")
+    for name in ("search_budgets", "expert_budgets"):
+        if any(not 0 < b <= 1 for b in overrides.get(name) or ()):
+            raise FlexdiffError(f"--{name.replace('_', '-')} {','.join(map(str, overrides[name]))}: each must be a "
+                                "fraction in (0, 1]")
+    return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,151 @@
+"""The bench's report: the markdown table, the quality-vs-cost plot, the sample grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..io import save_figure
+from ..metrics import QualityMeter
+
+FAMILY_STYLE = {  # colour, marker
+    "teacher": ("black", "*"),
+    "ddim": ("tab:blue", "o"),
+    "dpmsolver++": ("tab:orange", "s"),
+    "deepcache": ("tab:green", "^"),
+    "deepcache-nu": ("tab:olive", "v"),
+    "autodiffusion": ("tab:purple", "P"),
+    "flexiffusion": ("tab:red", "D"),
+    "schedule": ("tab:brown", "X"),
+    "experts": ("tab:cyan", "h"),
+    "experts+schedule": ("teal", "d"),
+    "experts-uniform": ("tab:pink", "p"),
+    "diff-pruning": ("tab:gray", "8"),
+}
+
+
+def mixture_comparisons(runs, feats_by_name: dict, meter: QualityMeter) -> list[dict]:
+    """Each mixture (alone, on the teacher's sampler) against each baseline, paired on the same noise."""
+    mixtures = [m for m, *_ in runs if m.family == "experts"]
+    baselines = [m for m, *_ in runs if m.family in ("experts-uniform", "diff-pruning")]
+    return [dict(mixture=a.name, baseline=b.name, metric=meter.headline,
+                 difference=meter.paired(feats_by_name[a.name], feats_by_name[b.name]).to_dict())
+            for a in mixtures for b in baselines]
+
+
+def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
+    if d is None:
+        return "—"
+    return f"{d['value'] * scale:.{digits}f} ± {(d['hi'] - d['lo']) / 2 * scale:.{digits}f}"
+
+
+HEADLINE_LABELS = {"cbfd": "cbFD", "fid": "FID"}
+
+
+def markdown_table(result: dict) -> str:
+    cfg = result["config"]
+    head = result.get("headline", "fid")
+    label = HEADLINE_LABELS[head]
+    balanced = head == "cbfd"
+    lines = [
+        f"Samples per method: {cfg['samples']} (seed {cfg['seed']}, same initial noise for every method); "
+        f"feature space: {result['feature_space']}; intervals: 95% (bootstrap standard error, ± half-width); "
+        f"torch threads: {result['threads']}; "
+        + (f"class labels {', '.join(map(str, cfg['labels']))} with guidance {cfg['guidance']:g}"
+           if cfg.get("labels") else "unconditional") + ". Lower is better for every quality column"
+        + ("; cbFD is the class-balanced Fréchet distance and class TV the class-mix distance of docs/metrics.md"
+           if balanced else "") + ".",
+        "",
+        f"| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | ms/image "
+        f"| {label} | {label} − teacher (paired) |" + (" class TV |" if balanced else "")
+        + " FID | FID − teacher (paired) | rFID | teacher dist. |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if balanced else "") + "---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        m, c = r["metrics"], r["counts"]
+        lines.append(
+            f"| {r['method']} | {c['full']}/{c['partial']}/{c['null']} | {r['macs_per_image'] / 1e6:,.0f} "
+            f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {r['ms_per_image']:.1f} "
+            f"| {_est(m[head])} | {_est(m.get(head + '_minus_teacher'))} |"
+            + (f" {_est(m.get('class_tv'), 3)} |" if balanced else "")
+            + f" {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} "
+            f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
+        )
+    if result.get("mixture_vs_baselines"):
+        lines += ["", "Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
+                  f"| mixture | baseline | {label}(mixture) − {label}(baseline) |", "|---|---|---|"]
+        lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['difference'])} |"
+                  for c in result["mixture_vs_baselines"]]
+    searched = [r for r in result["rows"] if r.get("search_seconds") is not None]
+    if searched:
+        lines += ["", "Search wall time (on top of sampling the table): " + "; ".join(
+            f"{r['method']}: {r['search_seconds']:.0f} s" for r in searched) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(result: dict, path: Path) -> Path:
+    """Left: the headline quality against real data. Right: its paired difference to the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    head = result.get("headline", "fid")
+    label = HEADLINE_LABELS[head]
+    panels = ((head, f"{label} vs real data"), (head + "_minus_teacher", f"{label} − teacher {label} (paired, same noise)"))
+    teacher_fid = result["rows"][0]["metrics"][head]["value"]
+    for ax, (key, title) in zip(axes, panels):
+        seen = set()
+        for r in result["rows"]:
+            e = r["metrics"].get(key, {"value": 0.0, "lo": 0.0, "hi": 0.0} if r["family"] == "teacher" else None)
+            if e is None:
+                continue
+            color, marker = FAMILY_STYLE.get(r["family"], ("gray", "x"))
+            ax.errorbar(r["macs_per_image"] / 1e9, e["value"], yerr=[[e["value"] - e["lo"]], [e["hi"] - e["value"]]],
+                        fmt=marker, color=color, label=None if r["family"] in seen else r["family"],
+                        ms=9 if r["family"] == "teacher" else 6, capsize=2)
+            seen.add(r["family"])
+        for frac, ls in ((0.05, "--"), (0.10, ":")):
+            d = frac * teacher_fid
+            ax.axhline(teacher_fid + d if key == head else d, color="gray", ls=ls, lw=0.8,
+                       label=f"teacher {label} + {frac:.0%}")
+        if key != head:
+            ax.axhline(0, color="black", lw=0.6)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel("GMACs per image, whole sampling run (log)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"{label} ({result['feature_space']} features)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Quality vs cost — {result['config']['samples']} samples per method, same noise, 95% intervals")
+    save_figure(path, fig)
+    plt.close(fig)
+    return path
+
+
+def save_comparison_grid(runs, path: Path, per_row: int = 12) -> Path:
+    """One row per method, the same initial noise in each column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..grids import grid_array
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(per_row * 0.55, len(runs) * 0.62 + 0.3))
+    axes = np.atleast_1d(axes)
+    for ax, (m, images, _, _) in zip(axes, runs):
+        arr = grid_array(images[:per_row], ncol=per_row, scale=2)
+        ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=255)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(m.name, rotation=0, ha="right", va="center", fontsize=7)
+    save_figure(path, fig)
+    plt.close(fig)
+    return path

@@ -1,0 +1,169 @@
+"""Running the bench: the searches and mixtures it builds, then every method on the same noise,
+each one's samples cached (keyed by the model's fingerprint and the schedule's key) as it finishes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..cost import measure_step_costs
+from ..fingerprints import weights_fingerprint
+from ..io import load_cache, save_safetensors, write_json, write_text
+from ..metrics import QualityMeter
+from ..models import LoadedModel
+from ..sampling import class_conditioning, initial_noise, sample
+from ..schedule import Schedule
+from .methods import BenchConfig, Method
+from .report import markdown_table, mixture_comparisons, plot_bench, save_comparison_grid
+
+
+def _model_fingerprint(model: LoadedModel) -> str:
+    return weights_fingerprint(model.unet)
+
+
+def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
+    blob = json.dumps([fingerprint, method.schedule.key(), cfg.samples, cfg.seed, cfg.batch_size]
+                      + ([list(cfg.labels), cfg.guidance] if cfg.labels else []), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter, costs,
+                 progress=None) -> tuple[tuple[tuple[str, Schedule], ...], dict[str, float]]:
+    """Flexiffusion (and the AutoDiffusion-style peer) at each budget; each search resumes from its folder."""
+    from ..search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
+
+    found, seconds = [], {}
+    for budget in cfg.search_budgets:
+        runs = [("flexiffusion", SegmentSpace(), metric) for metric in cfg.flexiffusion_metrics]
+        if cfg.autodiffusion:
+            runs.append(("autodiffusion", StepwiseSpace(), "fid"))  # AutoDiffusion scores by FID to real data
+        for family, space, metric in runs:
+            scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
+                                eval_samples=cfg.search_eval_samples, metric=metric, seed=cfg.seed,
+                                teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance)
+            folder = out_dir / "searches" / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
+                                              else f"{family}-{1 / budget:g}x")
+            result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
+                                          teacher_cache=out_dir / "searches", costs=costs).run()
+            label = f"Flexiffusion [{metric}]" if family == "flexiffusion" else "AutoDiffusion-style [fid]"
+            name = f"{label} ≤1/{1 / budget:g} ({result.best.describe().split(' (')[0]})"
+            found.append((family, replace(result.best, name=name)))
+            seconds[name] = result.seconds
+    return tuple(found), seconds
+
+
+def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progress=None) -> list[Method]:
+    """The mixtures of experts (shipped or built here at each budget) and their baselines, on the teacher's sampler."""
+    from ..experts.baselines import pruned_baseline, uniform_experts
+    from ..experts.pipeline import ExpertsConfig, ExpertsPipeline
+    from ..models import default_mixture_dir
+
+    t = cfg.teacher_steps
+    full = Schedule.full("ddim", t)
+    out = []
+
+    def with_schedule(label: str, path: Path) -> list[Method]:
+        rows = [Method(f"{label} (DDIM-{t})", "experts", full, str(path))]
+        if cfg.mixture_deepcache:
+            n = cfg.mixture_deepcache
+            rows.append(Method(f"{label} + DeepCache 1:{n} b0 (DDIM-{t})", "experts+schedule",
+                               Schedule.deepcache("ddim", t, n, 0), str(path)))
+        return rows
+
+    from ..models import default_model_dir
+
+    for name in cfg.mixtures:
+        if name == "default" and Path(model.path).resolve() != default_model_dir().resolve():
+            continue  # the shipped mixture was pruned from the shipped model: it is no peer of another model
+        path = default_mixture_dir() if name == "default" else Path(name)
+        label = "mixture of experts (shipped)" if name == "default" else f"mixture {path.name}"
+        out += with_schedule(label, path)
+    for budget in cfg.expert_budgets:
+        ecfg = ExpertsConfig.from_dict({**dict(cfg.expert_settings), "budget": budget, "num_steps": t})
+        pipe = ExpertsPipeline(model, out_dir / "experts", ecfg, progress=progress)
+        out += with_schedule(f"mixture of experts ≤{budget:g}", pipe.final(budget))
+        out.append(Method(f"uniform-width experts ≈{budget:g} (DDIM-{t})", "experts-uniform", full,
+                          str(uniform_experts(pipe, budget))))
+        out.append(Method(f"Diff-Pruning single model ≈{budget:g} (DDIM-{t})", "diff-pruning", full,
+                          str(pruned_baseline(pipe, budget))))
+    return out
+
+
+def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter,
+              extra: tuple[Schedule, ...] = (), progress=None) -> dict:
+    from ..models import load_model
+
+    out_dir = Path(out_dir)
+    cache_dir = out_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    guided = cfg.guidance != 1.0
+    costs = measure_step_costs(model.unet, guidance=guided)
+    searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress)
+    methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress)
+    models = {None: (model, costs, _model_fingerprint(model))}
+    unique, seen = [], set()
+    for m in methods:
+        if m.model not in models:
+            other = load_model(m.model)
+            models[m.model] = (other, measure_step_costs(other.unet, guidance=guided), _model_fingerprint(other))
+        m.schedule.check_fits(len(models[m.model][1].partial))
+        key = (models[m.model][2], m.schedule.key())  # sampler, timesteps and steps: what runs
+        if key not in seen:  # e.g. a baseline that came out the same at two budgets: one row
+            seen.add(key)
+            unique.append(m)
+    methods = unique
+    c = model.unet.config
+    noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
+    cond = class_conditioning(model.unet, cfg.labels, cfg.samples, cfg.guidance)
+    fp = models[None][2]
+
+    task = progress.add_task("bench", total=len(methods)) if progress else None
+    runs = []
+    for m in methods:
+        m_model, _, m_fp = models[m.model]
+        path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"
+        stored = load_cache(path)  # a truncated file from a killed run is redrawn
+        if stored is not None and stored.get("images") is not None and "seconds" in stored:
+            images, seconds, resumed = stored["images"], float(stored["seconds"]), True
+        else:
+            r = sample(m_model.unet, m_model.scheduler_config, m.schedule, noise, cfg.batch_size,
+                       cond=cond, progress=progress, description=m.name)
+            images, seconds, resumed = r.images, r.seconds, False
+            save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds)})
+        runs.append((m, images, seconds, resumed))
+        if task is not None:
+            progress.update(task, advance=1)
+
+    feats_by_name = {}
+    teacher_feats = meter.features(runs[0][1])
+    teacher_macs = costs.schedule_macs(runs[0][0].schedule)
+    teacher_sec = runs[0][2]
+    rows = []
+    for m, images, seconds, resumed in runs:
+        feats = teacher_feats if m.family == "teacher" else meter.features(images)
+        feats_by_name[m.name] = feats
+        metrics = meter.report(feats, None if m.family == "teacher" else teacher_feats)
+        macs = models[m.model][1].schedule_macs(m.schedule)
+        rows.append(dict(
+            method=m.name, family=m.family, schedule=m.schedule.to_dict(), model=m.model,
+            counts=m.schedule.counts(), macs_per_image=macs,
+            speedup_macs=teacher_macs / macs, seconds=seconds,
+            ms_per_image=1000 * seconds / cfg.samples, speedup_wall=teacher_sec / seconds,
+            resumed=resumed, search_seconds=search_seconds.get(m.name),
+            metrics={k: v.to_dict() for k, v in metrics.items()},
+        ))
+    result = dict(
+        config=asdict(cfg), model=str(model.path), model_fingerprint=fp,
+        mixture_vs_baselines=mixture_comparisons(runs, feats_by_name, meter),
+        feature_space=meter.name, headline=meter.headline, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
+        rows=rows,
+    )
+    write_json(out_dir / "bench.json", result)
+    write_text(out_dir / "bench.md", markdown_table(result))
+    plot_bench(result, out_dir / "bench.png")
+    save_comparison_grid(runs, out_dir / "samples.png")
+    return result

@@ -1,0 +1,212 @@
+"""The command line's shared parts: the app, errors as one line, progress bars, options, small parsers.
+
+Each command lives in a module of this package; decisions (what to build from the options)
+live in the library, so a command reads its options, calls the library and prints.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ..errors import FlexdiffError
+
+app = typer.Typer(
+    help="Sample pretrained diffusion models faster: step schedules (full / partial / null) "
+    "on diffusers UNets, with honest quality and cost measurements.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """flexdiff: faster sampling for pretrained diffusion models."""
+
+ModelOpt = typer.Option(
+    None,
+    "--model",
+    help="A local diffusers UNet2DModel / UNet2DConditionModel folder or pipeline folder. "
+    "Default: the digits UNet shipped with flexdiff.",
+)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def user_errors(fn):
+    """Turn a FlexdiffError into one red line and exit code 2 (no stack trace)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlexdiffError as e:
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except OSError as e:  # the machine said no (disk full, permissions): the user's to fix, not a bug
+            where = f" {e.filename}" if e.filename else ""
+            console.print(f"[red]error:[/red] cannot read or write{escape(where)}: {escape(e.strerror or str(e))}",
+                          highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def check_output_file(path: Optional[Path], option: str) -> None:
+    """Check a file the command will write, before any work; say so when it replaces one."""
+    from ..outputs import check_file_target
+
+    if check_file_target(path, option):
+        console.print(f"note: {option} {path} exists and will be replaced", highlight=False, markup=False)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise FlexdiffError(f"--threads {threads}: must be at least 1 (leave it out for torch's choice)")
+        torch.set_num_threads(threads)
+
+
+def parse_ints(text: str, option: str, minimum: int = 1) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FlexdiffError(f"{option} {text!r}: expected comma-separated whole numbers, e.g. 5,10,20") from None
+    if not values or any(v < minimum for v in values):
+        raise FlexdiffError(f"{option} {text!r}: give one or more values, each >= {minimum}")
+    return values
+
+
+def resolve_schedule(schedule: Optional[Path], sampler: str, steps: int,
+                      deepcache: Optional[int], branch: int, loaded):
+    """The schedule to run, checked against the model before any sampling."""
+    from ..samplers import check_sampler
+    from ..schedule import Schedule
+
+    if schedule is not None:
+        sched = Schedule.load(schedule)
+    else:
+        check_sampler(sampler)
+        sched = Schedule.deepcache(sampler, steps, deepcache, branch) if deepcache else Schedule.full(sampler, steps)
+    check_schedule(sched, loaded, f"--schedule {schedule}" if schedule is not None else "")
+    return sched
+
+
+def check_schedule(sched, loaded, where: str) -> None:
+    """Does `sched` run on this model (branches, timesteps)? The message names the file it came from."""
+    from ..anatomy import num_branches
+
+    try:
+        sched.check_fits(num_branches(loaded.unet),
+                         num_train_timesteps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
+    except FlexdiffError as e:
+        raise FlexdiffError(f"{where}: {e}" if where else str(e)) from None
+
+
+def load_cond_file(path: Optional[Path], guidance: float, model):
+    """Conditioning for a UNet2DConditionModel from a safetensors file."""
+    if not model.is_conditional:
+        if path is not None:
+            raise FlexdiffError("--cond is only for conditional UNets (UNet2DConditionModel)")
+        return None
+    if path is None:
+        raise FlexdiffError(
+            "this model is a UNet2DConditionModel: pass --cond FILE.safetensors with tensors "
+            "'encoder_hidden_states' (1 or N, seq, dim) and optionally 'negative'"
+        )
+    from safetensors.torch import load_file
+
+    from ..sampling import Conditioning
+
+    if not path.is_file():
+        raise FlexdiffError(f"--cond {path}: no such file")
+    try:
+        tensors = load_file(path)
+    except Exception as e:
+        raise FlexdiffError(f"--cond {path}: not a readable safetensors file ({e})") from None
+    if "encoder_hidden_states" not in tensors:
+        raise FlexdiffError(f"--cond {path}: missing tensor 'encoder_hidden_states' (found {sorted(tensors)})")
+    return Conditioning(tensors["encoder_hidden_states"], tensors.get("negative"), guidance)
+
+
+LabelsOpt = typer.Option(None, "--labels", help="Class-conditional models (the default): 'all' (each class in turn) or class indices, e.g. 3 or 0,1,7, cycled over the samples. Default: unconditional (the null label).")
+GuidanceOpt = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (with --labels, or --cond for text UNets); 1 = none.")
+
+
+def conditioning_from_options(loaded, cond: Optional[Path], labels: Optional[str], guidance: float, n: int):
+    """Text conditioning from --cond, or class labels from --labels; None for an unconditional model."""
+    from ..sampling import class_conditioning, num_classes, parse_labels
+
+    classes = num_classes(loaded.unet)
+    if labels is not None and classes is None:
+        raise FlexdiffError(f"--labels: the model at {loaded.path} has no class labels (it is not a UNet2DModel "
+                            "with num_class_embeds)")
+    if classes is not None:
+        if cond is not None:
+            raise FlexdiffError("--cond is only for conditional UNets (UNet2DConditionModel); this model takes --labels")
+        return class_conditioning(loaded.unet, parse_labels(labels, classes) if labels else (), n, guidance)
+    if guidance != 1.0 and not loaded.is_conditional:
+        raise FlexdiffError("--guidance needs a conditional model (--cond for a UNet2DConditionModel, --labels for "
+                            "a class-conditional UNet2DModel)")
+    return load_cond_file(cond, guidance, loaded)
+
+
+def labels_from_options(loaded, labels: Optional[str], guidance: float) -> tuple[int, ...]:
+    """--labels as a tuple for configs (searches, bench), checked against the model now, before any work."""
+    conditioning_from_options(loaded, None, labels, guidance, 1)
+    from ..sampling import num_classes, parse_labels
+
+    return parse_labels(labels, num_classes(loaded.unet)) if labels else ()
+
+
+SamplerOpt = typer.Option("ddim", "--sampler", help="ddim | dpmsolver++ | euler (ignored with --schedule).")
+StepsOpt = typer.Option(100, "--steps", min=1, help="Sampler steps (ignored with --schedule).")
+ScheduleOpt = typer.Option(None, "--schedule", help="A schedule JSON (full / partial:<branch> / null per step).")
+DeepCacheOpt = typer.Option(None, "--deepcache", min=1, help="DeepCache uniform 1:N: a full step every N steps, partial between.")
+BranchOpt = typer.Option(0, "--branch", min=0, help="Cache branch of partial steps for --deepcache (0 = cheapest).")
+
+
+def parse_floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise FlexdiffError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.0625,0.1") from None
+
+
+def training_images_from_option(data: Optional[Path], loaded):
+    if data is None:
+        return None  # the pipeline uses the digits for the default model, and refuses other models
+    from ..data import load_image_folder
+
+    c = loaded.unet.config
+    images = load_image_folder(data, c.sample_size, c.in_channels)
+    return images

@@ -1,0 +1,87 @@
+"""flexdiff bench: the teacher and its peers side by side on the same noise."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import (
+    GuidanceOpt,
+    LabelsOpt,
+    ModelOpt,
+    app,
+    check_schedule,
+    console,
+    labels_from_options,
+    parse_floats,
+    parse_ints,
+    progress_bar,
+    set_threads,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def bench(
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.md, bench.json, bench.png, samples.png (and a resumable cache)."),
+    model: Optional[Path] = ModelOpt,
+    preset: str = typer.Option("quick", help="quick (a few minutes: the README's main job) or full (the docs' table)."),
+    samples: Optional[int] = typer.Option(None, min=2, help="Override the preset's samples per method."),
+    seed: int = typer.Option(0, help="Seed of the shared initial noise."),
+    teacher_steps: Optional[int] = typer.Option(None, min=1, help="Teacher DDIM steps (preset: 100)."),
+    ddim_steps: Optional[str] = typer.Option(None, help="DDIM step counts, e.g. 5,10,20,50."),
+    dpm_steps: Optional[str] = typer.Option(None, help="DPM-Solver++ step counts, e.g. 5,10,20."),
+    deepcache: Optional[str] = typer.Option(None, help="DeepCache intervals N (uniform 1:N), e.g. 2,3,5."),
+    deepcache_branches: Optional[str] = typer.Option(None, help="DeepCache branches, e.g. 0,2."),
+    schedule: list[Path] = typer.Option([], "--schedule", help="Extra schedule JSON files to include (repeatable)."),
+    search_budgets: Optional[str] = typer.Option(None, help="Run Flexiffusion (and AutoDiffusion-style) searches at these budgets (fractions of the teacher's MACs, e.g. 0.1,0.0625), or 'none'."),
+    search_generations: Optional[int] = typer.Option(None, min=0, help="Generations of each search (preset: 6 quick, 10 full)."),
+    search_population: Optional[int] = typer.Option(None, min=2, help="Population of each search."),
+    search_eval_samples: Optional[int] = typer.Option(None, min=8, help="Evaluation samples per candidate in the searches."),
+    autodiffusion: Optional[bool] = typer.Option(None, "--autodiffusion/--no-autodiffusion", help="Also run the AutoDiffusion-style peer search."),
+    mixture: list[Path] = typer.Option([], "--mixture", help="Mixture-of-experts folders to include (repeatable); 'default' is the shipped one."),
+    expert_budgets: Optional[str] = typer.Option(None, help="Build mixtures of experts at these budgets (fractions of the teacher's MACs, e.g. 0.5,0.4) with their baselines, or 'none'."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
+    real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
+    labels: Optional[str] = LabelsOpt,
+    guidance: float = GuidanceOpt,
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Run the teacher and the peers side by side on the same noise; write a table, a plot and sample grids."""
+    from ..bench import config_from_options, markdown_table, run_bench
+    from ..metrics import QualityMeter
+    from ..models import load_model
+    from ..outputs import check_folder_target, run_folder
+    from ..schedule import Schedule
+
+    set_threads(threads)
+    cfg = config_from_options(
+        preset, samples=samples, teacher_steps=teacher_steps,
+        ddim_steps=ddim_steps and parse_ints(ddim_steps, "--ddim-steps"),
+        dpm_steps=dpm_steps and parse_ints(dpm_steps, "--dpm-steps"),
+        deepcache_intervals=deepcache and parse_ints(deepcache, "--deepcache"),
+        deepcache_branches=deepcache_branches and parse_ints(deepcache_branches, "--deepcache-branches", minimum=0),
+        search_budgets=() if search_budgets == "none" else parse_floats(search_budgets, "--search-budgets"),
+        expert_budgets=() if expert_budgets == "none" else parse_floats(expert_budgets, "--expert-budgets"),
+        search_generations=search_generations, search_population=search_population,
+        search_eval_samples=search_eval_samples, autodiffusion=autodiffusion,
+        mixtures=tuple(str(p) for p in mixture) or None,
+    )
+    check_folder_target(out)
+    loaded = load_model(model)
+    extra = tuple(Schedule.load(p) for p in schedule)
+    for path, sched in zip(schedule, extra):  # named by file, before hours of searches and sampling
+        check_schedule(sched, loaded, f"--schedule {path}")
+    for path in mixture:
+        if str(path) != "default":
+            load_model(path)  # a broken mixture folder is refused now, not after the searches
+    cfg = replace(cfg, labels=labels_from_options(loaded, labels, guidance), guidance=guidance)
+    meter = QualityMeter.for_loaded(loaded, inception_weights, real_data)
+    with run_folder(out), progress_bar() as progress:
+        result = run_bench(loaded, cfg, out, meter, extra, progress=progress)
+    console.print(markdown_table(result), highlight=False, soft_wrap=True, markup=False)
+    console.print(f"wrote {out}/bench.md, bench.json, bench.png, samples.png")

@@ -1,0 +1,124 @@
+"""flexdiff intervals | experts: timestep intervals and the mixture of experts (DiffPruning)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import FlexdiffError
+from .app import (
+    ModelOpt,
+    app,
+    console,
+    progress_bar,
+    set_threads,
+    training_images_from_option,
+    user_errors,
+)
+
+
+@app.command("intervals")
+@user_errors
+def intervals_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder for intervals.json, similarity.png and similarity.npz."),
+    model: Optional[Path] = ModelOpt,
+    data: Optional[Path] = typer.Option(None, "--data", help="Images the model was trained on (default: the digits, for the default model)."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Number of intervals. Default: the knee of the within-interval cost curve."),
+    k_max: int = typer.Option(5, "--k-max", min=1, help="Largest K the knee rule considers."),
+    measure: str = typer.Option("mean", help="Similarity to cluster: grad (loss-gradient cosine), cka (activation CKA) or mean."),
+    timesteps: int = typer.Option(20, "--timesteps", min=2, help="Timesteps sampled evenly over the training range."),
+    images: int = typer.Option(128, "--images", min=2, help="Images (with one fixed noise) per timestep."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Timestep similarity (gradient cosine and activation CKA), heat map, and contiguous intervals."""
+    import torch
+
+    from ..experts.intervals import MEASURES, find_intervals
+    from ..experts.pipeline import training_images
+    from ..mixture import is_mixture
+    from ..models import load_model
+    from ..outputs import check_folder_target, run_folder
+
+    set_threads(threads)
+    check_folder_target(out)
+    if measure not in MEASURES:
+        raise FlexdiffError(f"--measure {measure!r}; accepted: {', '.join(MEASURES)}")
+    if k is not None and k > timesteps:
+        raise FlexdiffError(f"--k {k}: choose 1 to {timesteps} intervals (the number of sampled timesteps)")
+    loaded = load_model(model)
+    if is_mixture(loaded.unet):
+        raise FlexdiffError(f"--model {loaded.path} is a mixture; give the teacher UNet")
+    imgs = training_images(loaded, training_images_from_option(data, loaded))
+    g = torch.Generator().manual_seed(seed)
+    imgs = imgs[torch.randperm(len(imgs), generator=g)[:images]]
+    with run_folder(out), progress_bar() as progress:
+        iv = find_intervals(loaded.unet, imgs, loaded.scheduler_config, out, timesteps, measure, k, k_max, seed,
+                            progress)
+    console.print(f"{iv.k} intervals ({iv.meta['k_rule']}): " + ", ".join(f"[{a}, {b}]" for a, b in iv.bounds())
+                  + f" -> {out / 'intervals.json'}, {out / 'similarity.png'}", markup=False, highlight=False)
+
+
+@app.command("experts")
+@user_errors
+def experts_cmd(
+    out: Path = typer.Option(..., "--out", help="Pipeline folder: every stage writes (and resumes) under it."),
+    model: Optional[Path] = ModelOpt,
+    data: Optional[Path] = typer.Option(None, "--data", help="Training images (default: the digits, for the default model)."),
+    budget: float = typer.Option(0.5, help="MACs of the whole sampling run, as a fraction of the teacher's."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Run only up to this stage: intervals, elastic, agent or final (each resumes)."),
+    sampler: str = typer.Option("ddim", help="The sampling run the budget is counted on."),
+    steps: int = typer.Option(100, "--steps", min=1, help="Steps of that sampling run."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Number of intervals (default: knee rule)."),
+    elastic_steps: int = typer.Option(200, min=1, help="Sandwich-rule steps per elastic expert."),
+    agent_steps: int = typer.Option(150, min=1, help="Routing agent steps."),
+    final_steps: int = typer.Option(400, min=1, help="Fine-tuning steps per extracted expert."),
+    batch_size: int = typer.Option(64, min=1),
+    seed: int = typer.Option(0),
+    baselines: bool = typer.Option(False, "--baselines", help="Also build the Diff-Pruning single model and the uniform-width experts at the same MACs."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Prune the model into a mixture of interval experts (DiffPruning) under a MACs budget.
+
+    Stages: intervals -> elastic fine-tuning -> routing agent -> extraction + final fine-tuning.
+    The result, OUT/budget-B/mixture, works as --model for sample, evaluate, search and bench.
+    """
+    import time
+
+    from ..experts.baselines import pruned_baseline, uniform_experts
+    from ..experts.pipeline import STAGES, ExpertsConfig, ExpertsPipeline
+    from ..models import load_model
+    from ..outputs import check_folder_target, run_folder
+
+    set_threads(threads)
+    check_folder_target(out)
+    if stage is not None and stage not in STAGES:
+        raise FlexdiffError(f"--stage {stage!r}; accepted: {', '.join(STAGES)}")
+    cfg = ExpertsConfig(budget=budget, sampler=sampler, num_steps=steps, k=k, elastic_steps=elastic_steps,
+                        agent_steps=agent_steps, final_steps=final_steps, batch_size=batch_size, seed=seed)
+    loaded = load_model(model)
+    images = training_images_from_option(data, loaded)
+    t0 = time.perf_counter()
+    with run_folder(out), progress_bar() as progress:
+        pipe = ExpertsPipeline(loaded, out, cfg, images, progress)
+        stages = STAGES if stage is None else STAGES[:STAGES.index(stage) + 1]
+        result = pipe.run(stages)
+        if baselines and result is not None:
+            uniform_experts(pipe)
+            pruned_baseline(pipe)
+    took = time.perf_counter() - t0
+    if result is None:
+        console.print(f"stage {stage} done in {took:.0f} s -> {out}", markup=False, highlight=False)
+        return
+    import json
+
+    man = json.loads((result / "mixture.json").read_text())
+    lines = [f"mixture at {man['fraction_of_teacher']:.3f} of the teacher's MACs ({man['sampler']}-{man['num_steps']}), "
+             f"built in {took:.0f} s -> {result}"]
+    for e, calls, served in zip(man["experts"], man["macs_per_call"], man["steps_served"]):
+        lines.append(f"  expert t in [{e['interval'][0]}, {e['interval'][1]}]: widths {e['spec']['widths']}, "
+                     f"depths {e['spec']['depths']}, {calls / man['teacher_macs_per_call']:.2f} of the teacher per call, "
+                     f"{served} steps")
+    console.print("\n".join(lines), markup=False, highlight=False)

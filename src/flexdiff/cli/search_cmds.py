@@ -1,0 +1,119 @@
+"""flexdiff search | proxy-study: find a schedule under a budget; check the search's proxy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import FlexdiffError
+from .app import (
+    GuidanceOpt,
+    LabelsOpt,
+    ModelOpt,
+    app,
+    console,
+    labels_from_options,
+    parse_ints,
+    progress_bar,
+    set_threads,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def search(
+    out: Path = typer.Option(Path("runs/search"), "--out", help="Folder for best.json, history.json, search.png (and front.json); holds the resumable state."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Max MACs per image as a fraction of the teacher's (DDIM-100), e.g. 0.0625."),
+    speedup: Optional[float] = typer.Option(None, "--speedup", help="Or: the minimum speed-up in MACs (budget = 1/speedup)."),
+    pareto: bool = typer.Option(False, "--pareto", help="Multi-objective (fitness vs MACs, NSGA-II): return the whole front (budget optional)."),
+    space: str = typer.Option("segment", "--space", help="segment (Flexiffusion) or stepwise (AutoDiffusion-style: timesteps and per-step layer skipping)."),
+    model: Optional[Path] = ModelOpt,
+    sampler: str = typer.Option("dpmsolver++", "--sampler", help="Base sampler of the schedules (segment space: ddim | dpmsolver++ | euler)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Choices of the step count T, e.g. 10,15,20,25 (stepwise: 6,8,10,12)."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Choices of the segment length L, e.g. 1,2,3,4,5."),
+    branches: Optional[str] = typer.Option(None, "--branches", help="Branches partial steps may use (default: all of the model's)."),
+    ends: Optional[str] = typer.Option(None, "--ends", help="Segment space: choices of the last timestep, steps spread evenly from the noisiest down to it; 0 = the sampler's own spacing (default 0,100,200,300)."),
+    population: int = typer.Option(16, min=2),
+    generations: int = typer.Option(10, min=0),
+    eval_samples: int = typer.Option(256, min=8, help="Samples per candidate, on fixed evaluation noise."),
+    metric: str = typer.Option("distance", "--metric", help="Fitness: distance (per-sample, to the teacher), rfid (FID to the teacher's samples) or fid (quality vs real data: FID, or on the digits the class-balanced distance)."),
+    seed: int = typer.Option(0, help="Seed of the search and of the evaluation noise."),
+    labels: Optional[str] = LabelsOpt,
+    guidance: float = GuidanceOpt,
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """Search a schedule of full / partial / null steps that stays closest to the teacher under a MACs budget."""
+    from ..anatomy import num_branches as count_branches
+    from ..metrics import QualityMeter
+    from ..models import load_model
+    from ..outputs import check_folder_target, run_folder
+    from ..samplers import check_sampler, num_train_timesteps
+    from ..search import SearchConfig, search_from_settings
+    from ..search.space import make_space
+
+    set_threads(threads)
+    check_folder_target(out)
+    if budget is not None and speedup is not None:
+        raise FlexdiffError("give either --budget or --speedup, not both")
+    if speedup is not None:
+        if speedup <= 1:
+            raise FlexdiffError(f"--speedup {speedup}: must be > 1")
+        budget = 1 / speedup
+    check_sampler(sampler)
+    loaded = load_model(model)
+    sp = make_space(space, sampler, num_train_timesteps(loaded.scheduler_config), count_branches(loaded.unet),
+                    step_choices=steps and parse_ints(steps, "--steps"),
+                    length_choices=lengths and parse_ints(lengths, "--lengths"),
+                    branches=branches and parse_ints(branches, "--branches", minimum=0),
+                    end_choices=ends and parse_ints(ends, "--ends", minimum=0))
+    cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
+                       eval_samples=eval_samples, metric=metric, seed=seed,
+                       labels=labels_from_options(loaded, labels, guidance), guidance=guidance)
+    meter = QualityMeter.for_loaded(loaded)
+    with run_folder(out), progress_bar() as progress:
+        s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress)
+        result = s.run()
+    b = result.best
+    console.print(
+        f"best: {b.describe()}  {metric} {b.meta['fitness']:.3f}  {b.meta['macs_per_image'] / 1e6:,.1f} M MACs/image "
+        f"({b.meta['speedup_macs']:.2f}x fewer than the teacher)  search took {result.seconds:.0f} s, "
+        f"{len(result.evaluated)} candidates scored -> {out}/best.json"
+    )
+    for f in result.front:
+        console.print(f"  front: {f.describe()}  {metric} {f.meta['fitness']:.3f}  {f.meta['speedup_macs']:.2f}x")
+    man = getattr(loaded.unet, "manifest", None)
+    if man:  # searching over a mixture: its own DDIM run is the teacher; say what that means for the original
+        teacher_steps = cfg.teacher_steps
+        original = man["teacher_macs_per_call"] * teacher_steps
+        console.print(f"(the teacher here is the mixture itself with DDIM-{teacher_steps}; against the original "
+                      f"model's DDIM-{teacher_steps} this schedule is {original / b.meta['macs_per_image']:.1f}x cheaper)",
+                      markup=False, highlight=False)
+
+
+@app.command("proxy-study")
+@user_errors
+def proxy_study_cmd(
+    out: Path = typer.Option(Path("runs/proxy"), "--out"),
+    model: Optional[Path] = ModelOpt,
+    candidates: int = typer.Option(24, min=3, help="Schedules spread over the search space."),
+    eval_samples: int = typer.Option(256, min=8, help="Samples for the proxies (as in the search)."),
+    fid_samples: int = typer.Option(1000, min=8, help="Samples for the real FID of each candidate."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+):
+    """How well do rFID and the per-sample distance rank candidates against the real FID (Spearman), and how much faster are they?"""
+    from ..metrics import QualityMeter
+    from ..models import load_model
+    from ..outputs import check_folder_target, run_folder
+    from ..search.proxy import proxy_study, proxy_table
+
+    set_threads(threads)
+    check_folder_target(out)
+    loaded = load_model(model)
+    meter = QualityMeter.for_loaded(loaded)
+    with run_folder(out), progress_bar() as progress:
+        res = proxy_study(loaded, meter, out, candidates, eval_samples, fid_samples, seed, progress=progress)
+    console.print(proxy_table(res), highlight=False, soft_wrap=True, markup=False)
