@@ -285,3 +285,18 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
         raise FlexdiffError(f"{man_file}: the intervals cover {intervals.num_train_timesteps} timesteps but "
                             f"{sched_file.name} has num_train_timesteps {T}")
     return Mixture(experts, intervals, sched, man).eval().requires_grad_(False), man
+
+
+def describe_manifest(man: dict) -> list[str]:
+    """A mixture in words, one line per expert: its interval, size and share of the teacher's cost."""
+    lines = [f"mixture at {man['fraction_of_teacher']:.3f} of the teacher's MACs ({man['sampler']}-{man['num_steps']})"]
+    for e, calls, served in zip(man["experts"], man["macs_per_call"], man["steps_served"]):
+        lines.append(f"  expert t in [{e['interval'][0]}, {e['interval'][1]}]: widths {e['spec']['widths']}, "
+                     f"depths {e['spec']['depths']}, {calls / man['teacher_macs_per_call']:.2f} of the teacher per "
+                     f"call, {served} steps")
+    return lines
+
+
+def original_teacher_macs(man: dict, steps: int) -> float:
+    """MACs per image of the model the mixture was pruned from, sampling `steps` full steps."""
+    return man["teacher_macs_per_call"] * steps

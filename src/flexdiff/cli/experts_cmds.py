@@ -34,9 +34,7 @@ def intervals_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Timestep similarity (gradient cosine and activation CKA), heat map, and contiguous intervals."""
-    import torch
-
-    from ..experts.intervals import MEASURES, find_intervals
+    from ..experts.intervals import MEASURES, find_intervals, similarity_images
     from ..experts.pipeline import training_images
     from ..mixture import is_mixture
     from ..models import load_model
@@ -52,8 +50,7 @@ def intervals_cmd(
     if is_mixture(loaded.unet):
         raise FlexdiffError(f"--model {loaded.path} is a mixture; give the teacher UNet")
     imgs = training_images(loaded, training_images_from_option(data, loaded))
-    g = torch.Generator().manual_seed(seed)
-    imgs = imgs[torch.randperm(len(imgs), generator=g)[:images]]
+    imgs = similarity_images(imgs, images, seed)
     with run_folder(out), progress_bar() as progress:
         iv = find_intervals(loaded.unet, imgs, loaded.scheduler_config, out, timesteps, measure, k, k_max, seed,
                             progress)
@@ -112,13 +109,9 @@ def experts_cmd(
     if result is None:
         console.print(f"stage {stage} done in {took:.0f} s -> {out}", markup=False, highlight=False)
         return
-    import json
+    from ..io import read_json_object
+    from ..mixture import describe_manifest
 
-    man = json.loads((result / "mixture.json").read_text())
-    lines = [f"mixture at {man['fraction_of_teacher']:.3f} of the teacher's MACs ({man['sampler']}-{man['num_steps']}), "
-             f"built in {took:.0f} s -> {result}"]
-    for e, calls, served in zip(man["experts"], man["macs_per_call"], man["steps_served"]):
-        lines.append(f"  expert t in [{e['interval'][0]}, {e['interval'][1]}]: widths {e['spec']['widths']}, "
-                     f"depths {e['spec']['depths']}, {calls / man['teacher_macs_per_call']:.2f} of the teacher per call, "
-                     f"{served} steps")
+    lines = describe_manifest(read_json_object(result / "mixture.json", "the mixture manifest"))
+    lines[0] += f", built in {took:.0f} s -> {result}"
     console.print("\n".join(lines), markup=False, highlight=False)

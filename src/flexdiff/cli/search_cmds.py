@@ -48,6 +48,7 @@ def search(
     """Search a schedule of full / partial / null steps that stays closest to the teacher under a MACs budget."""
     from ..anatomy import num_branches as count_branches
     from ..metrics import QualityMeter
+    from ..mixture import original_teacher_macs
     from ..models import load_model
     from ..outputs import check_folder_target, run_folder
     from ..samplers import check_sampler, num_train_timesteps
@@ -87,7 +88,7 @@ def search(
     man = getattr(loaded.unet, "manifest", None)
     if man:  # searching over a mixture: its own DDIM run is the teacher; say what that means for the original
         teacher_steps = cfg.teacher_steps
-        original = man["teacher_macs_per_call"] * teacher_steps
+        original = original_teacher_macs(man, teacher_steps)
         console.print(f"(the teacher here is the mixture itself with DDIM-{teacher_steps}; against the original "
                       f"model's DDIM-{teacher_steps} this schedule is {original / b.meta['macs_per_image']:.1f}x cheaper)",
                       markup=False, highlight=False)

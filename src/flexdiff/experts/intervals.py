@@ -167,6 +167,12 @@ def plot_similarity(mats: dict[str, np.ndarray], timesteps: list[int], intervals
     plt.close(fig)
 
 
+def similarity_images(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The images the similarity is measured on: `n` drawn without replacement, fixed by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return images[torch.randperm(len(images), generator=g)[:n]]
+
+
 def find_intervals(unet, images: torch.Tensor, scheduler_config: dict, out_dir: Path, num_timesteps: int = 20,
                    measure: str = "mean", k: int | None = None, k_max: int = 6, seed: int = 0,
                    progress=None) -> Intervals:

@@ -30,7 +30,7 @@ from ..schedule import SAMPLERS, Schedule
 from .agent import AgentConfig, SpecSpace, check_budget, train_agent
 from .elastic import ElasticUNet, SubnetSpec
 from .finetune import IntervalBatches, TuneConfig, taylor_importance, tune_elastic, tune_static
-from .intervals import MEASURES, find_intervals
+from .intervals import MEASURES, find_intervals, similarity_images
 
 STAGES = ("intervals", "elastic", "agent", "final")
 
@@ -144,6 +144,9 @@ class ExpertsPipeline:
         # what every stage is built from: a folder made from another model or other data is refused
         self.identity = dict(model=weights_fingerprint(self.teacher), data=data_fingerprint(self.images, self.labels))
         self._macs: dict[SubnetSpec, float] = {}
+        # each stage's result, handed to the stages after it within this run (computed or loaded once)
+        self._intervals: Intervals | None = None
+        self._elastics: list[ElasticUNet] | None = None
 
     # ---- paths
     def budget_dir(self, budget: float | None = None) -> Path:
@@ -151,13 +154,17 @@ class ExpertsPipeline:
 
     # ---- stage 1
     def intervals(self) -> Intervals:
+        if self._intervals is None:
+            self._intervals = self._find_intervals()
+        return self._intervals
+
+    def _find_intervals(self) -> Intervals:
         folder = self.out / "intervals"
         folder.mkdir(parents=True, exist_ok=True)
         guard(folder, {**self.identity, **self.cfg.stage_settings("intervals")})
         if (folder / "intervals.json").exists():
             return Intervals.load(folder / "intervals.json")
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        imgs = self.images[torch.randperm(len(self.images), generator=g)[:self.cfg.sim_images]]
+        imgs = similarity_images(self.images, self.cfg.sim_images, self.cfg.seed)
         return find_intervals(self.teacher, imgs, self.model.scheduler_config, folder, self.cfg.sim_timesteps,
                               self.cfg.measure, self.cfg.k, self.cfg.k_max, self.cfg.seed, self.progress)
 
@@ -174,6 +181,11 @@ class ExpertsPipeline:
 
     # ---- stage 2
     def elastic_experts(self) -> list[ElasticUNet]:
+        if self._elastics is None:
+            self._elastics = self._tune_elastic_experts()
+        return self._elastics
+
+    def _tune_elastic_experts(self) -> list[ElasticUNet]:
         iv = self.intervals()
         folder = self.out / "elastic"
         folder.mkdir(parents=True, exist_ok=True)
