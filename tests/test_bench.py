@@ -3,6 +3,7 @@
 import json
 
 from flexdiff.bench import BenchConfig, run_bench
+from flexdiff.fingerprints import weights_fingerprint
 from flexdiff.metrics import QualityMeter
 from flexdiff.models import load_model
 from flexdiff.schedule import FULL, NULL, Schedule, partial
@@ -24,7 +25,8 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
     assert [r["family"] for r in result["rows"][6:]] == ["flexiffusion", "autodiffusion", "schedule"]
     for r in result["rows"][6:8]:  # the searches kept the budget and say how long they took
         assert r["speedup_macs"] >= 2 - 1e-9 and r["search_seconds"] > 0
-    assert (tmp_path / "b" / "searches" / "flexiffusion-distance-2x" / "best.json").exists()
+    fp = weights_fingerprint(model.unet)  # each model's searches in their own folder
+    assert (tmp_path / "b" / "searches" / fp / "flexiffusion-distance-2x" / "best.json").exists()
     for f in ("bench.md", "bench.json", "bench.png", "samples.png"):
         assert (tmp_path / "b" / f).stat().st_size > 0
     rows = {r["method"]: r for r in result["rows"]}
@@ -62,7 +64,7 @@ def test_bench_builds_mixtures_with_their_baselines(tiny_model_dir, tmp_path):
                                                                       rows["diff-pruning"]["method"]]
     assert "Mixtures against their baselines" in (tmp_path / "b" / "bench.md").read_text()
     # a pre-built mixture folder joins the table the same way
-    folder = tmp_path / "b" / "experts" / "budget-0.8" / "mixture"
+    folder = tmp_path / "b" / "experts" / weights_fingerprint(model.unet) / "budget-0.8" / "mixture"
     again = run_bench(model, replace(cfg, expert_budgets=(), mixtures=(str(folder),)), tmp_path / "c", meter)
     assert [r["family"] for r in again["rows"]] == ["teacher", "experts", "experts+schedule"]
     assert again["rows"][1]["metrics"] == rows["experts"]["metrics"]
@@ -80,3 +82,24 @@ def test_bench_keeps_schedules_that_differ_only_in_timesteps(tiny_model_dir, tmp
     assert {"a", "b"} <= set(rows)
     assert len(list((tmp_path / "b" / "cache").glob("*.safetensors"))) == 3  # teacher, a, b: none merged
     assert rows["a"]["metrics"]["teacher_distance"] != rows["b"]["metrics"]["teacher_distance"]
+
+
+def test_bench_searches_of_another_model_in_the_same_folder_are_its_own(tiny_model_dir, tmp_path):
+    """A bench rerun after the model changed starts its own searches (it neither refuses nor reuses the old teacher)."""
+    from dataclasses import replace
+
+    from conftest import tiny_unet
+    from flexdiff.bench.run import run_searches
+    from flexdiff.cost import measure_step_costs
+    from flexdiff.models import save_model
+
+    cfg = replace(CFG, search_generations=0, autodiffusion=False)
+    meter = QualityMeter.for_model((1, 16, 16), n_boot=5)
+    a = load_model(tiny_model_dir)
+    b = load_model(save_model(tiny_unet(seed=5), a.scheduler_config, tmp_path / "other"))
+    for m in (a, b):
+        run_searches(m, cfg, tmp_path / "bench", meter, measure_step_costs(m.unet))
+    folders = sorted(p.name for p in (tmp_path / "bench" / "searches").iterdir())
+    assert folders == sorted([weights_fingerprint(a.unet), weights_fingerprint(b.unet)])
+    for fp in folders:
+        assert list((tmp_path / "bench" / "searches" / fp).glob("teacher-*.safetensors"))

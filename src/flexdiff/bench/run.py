@@ -37,6 +37,10 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
     from ..search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
 
     found, seconds = [], {}
+    # one folder per model and conditioning: a bench rerun on another model (or with other labels)
+    # starts its own searches, and never reuses another model's cached teacher
+    tag = f"-labels{'_'.join(map(str, cfg.labels))}-g{cfg.guidance:g}" if cfg.labels else ""
+    base = out_dir / "searches" / f"{_model_fingerprint(model)}{tag}"
     for budget in cfg.search_budgets:
         runs = [("flexiffusion", SegmentSpace(), metric) for metric in cfg.flexiffusion_metrics]
         if cfg.autodiffusion:
@@ -45,10 +49,10 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
             scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
                                 eval_samples=cfg.search_eval_samples, metric=metric, seed=cfg.seed,
                                 teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance)
-            folder = out_dir / "searches" / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
-                                              else f"{family}-{1 / budget:g}x")
+            folder = base / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
+                             else f"{family}-{1 / budget:g}x")
             result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
-                                          teacher_cache=out_dir / "searches", costs=costs).run()
+                                          teacher_cache=base, costs=costs).run()
             label = f"Flexiffusion [{metric}]" if family == "flexiffusion" else "AutoDiffusion-style [fid]"
             name = f"{label} ≤1/{1 / budget:g} ({result.best.describe().split(' (')[0]})"
             found.append((family, replace(result.best, name=name)))
@@ -84,7 +88,7 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
         out += with_schedule(label, path)
     for budget in cfg.expert_budgets:
         ecfg = ExpertsConfig.from_dict({**dict(cfg.expert_settings), "budget": budget, "num_steps": t})
-        pipe = ExpertsPipeline(model, out_dir / "experts", ecfg, progress=progress)
+        pipe = ExpertsPipeline(model, out_dir / "experts" / _model_fingerprint(model), ecfg, progress=progress)
         out += with_schedule(f"mixture of experts ≤{budget:g}", pipe.final(budget))
         out.append(Method(f"uniform-width experts ≈{budget:g} (DDIM-{t})", "experts-uniform", full,
                           str(uniform_experts(pipe, budget))))
