@@ -32,15 +32,18 @@ def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
 
 
 def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter, costs,
-                 progress=None) -> tuple[tuple[tuple[str, Schedule], ...], dict[str, float]]:
-    """Flexiffusion (and the AutoDiffusion-style peer) at each budget; each search resumes from its folder."""
+                 progress=None, fingerprint: str | None = None) -> tuple[tuple[tuple[str, Schedule], ...], dict[str, float]]:
+    """Flexiffusion (and the AutoDiffusion-style peer) at each budget; each search resumes from its folder.
+
+    `fingerprint`: the model's weights fingerprint when the caller has it (hashing a large UNet takes seconds)."""
+    fingerprint = fingerprint or _model_fingerprint(model)
     from ..search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
 
     found, seconds = [], {}
     # one folder per model and conditioning: a bench rerun on another model (or with other labels)
     # starts its own searches, and never reuses another model's cached teacher
     tag = f"-labels{'_'.join(map(str, cfg.labels))}-g{cfg.guidance:g}" if cfg.labels else ""
-    base = out_dir / "searches" / f"{_model_fingerprint(model)}{tag}"
+    base = out_dir / "searches" / f"{fingerprint}{tag}"
     for budget in cfg.search_budgets:
         runs = [("flexiffusion", SegmentSpace(), metric) for metric in cfg.flexiffusion_metrics]
         if cfg.autodiffusion:
@@ -52,7 +55,7 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
             folder = base / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
                              else f"{family}-{1 / budget:g}x")
             result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
-                                          teacher_cache=base, costs=costs).run()
+                                          teacher_cache=base, costs=costs, model_fingerprint=fingerprint).run()
             label = f"Flexiffusion [{metric}]" if family == "flexiffusion" else "AutoDiffusion-style [fid]"
             name = f"{label} ≤1/{1 / budget:g} ({result.best.describe().split(' (')[0]})"
             found.append((family, replace(result.best, name=name)))
@@ -60,7 +63,8 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
     return tuple(found), seconds
 
 
-def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progress=None) -> list[Method]:
+def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progress=None,
+                    fingerprint: str | None = None) -> list[Method]:
     """The mixtures of experts (shipped or built here at each budget) and their baselines, on the teacher's sampler."""
     from ..experts.baselines import pruned_baseline, uniform_experts
     from ..experts.pipeline import ExpertsConfig, ExpertsPipeline
@@ -88,7 +92,8 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
         out += with_schedule(label, path)
     for budget in cfg.expert_budgets:
         ecfg = ExpertsConfig.from_dict({**dict(cfg.expert_settings), "budget": budget, "num_steps": t})
-        pipe = ExpertsPipeline(model, out_dir / "experts" / _model_fingerprint(model), ecfg, progress=progress)
+        pipe = ExpertsPipeline(model, out_dir / "experts" / (fingerprint or _model_fingerprint(model)), ecfg,
+                               progress=progress)
         out += with_schedule(f"mixture of experts ≤{budget:g}", pipe.final(budget))
         out.append(Method(f"uniform-width experts ≈{budget:g} (DDIM-{t})", "experts-uniform", full,
                           str(uniform_experts(pipe, budget))))
@@ -106,9 +111,10 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     cache_dir.mkdir(parents=True, exist_ok=True)
     guided = cfg.guidance != 1.0
     costs = measure_step_costs(model.unet, guidance=guided)
-    searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress)
-    methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress)
-    models = {None: (model, costs, _model_fingerprint(model))}
+    fp = _model_fingerprint(model)  # once: the searches, the mixtures' folders and the cache keys all use it
+    searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress, fingerprint=fp)
+    methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress, fingerprint=fp)
+    models = {None: (model, costs, fp)}
     unique, seen = [], set()
     for m in methods:
         if m.model not in models:
@@ -123,7 +129,6 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     c = model.unet.config
     noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
     cond = class_conditioning(model.unet, cfg.labels, cfg.samples, cfg.guidance)
-    fp = models[None][2]
 
     task = progress.add_task("bench", total=len(methods)) if progress else None
     runs = []

@@ -34,7 +34,7 @@ def intervals_cmd(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Timestep similarity (gradient cosine and activation CKA), heat map, and contiguous intervals."""
-    from ..experts.intervals import MEASURES, find_intervals, similarity_images
+    from ..experts.intervals import find_intervals, similarity_images
     from ..experts.pipeline import training_images
     from ..mixture import is_mixture
     from ..models import load_model
@@ -42,10 +42,6 @@ def intervals_cmd(
 
     set_threads(threads)
     check_folder_target(out)
-    if measure not in MEASURES:
-        raise FlexdiffError(f"--measure {measure!r}; accepted: {', '.join(MEASURES)}")
-    if k is not None and k > timesteps:
-        raise FlexdiffError(f"--k {k}: choose 1 to {timesteps} intervals (the number of sampled timesteps)")
     loaded = load_model(model)
     if is_mixture(loaded.unet):
         raise FlexdiffError(f"--model {loaded.path} is a mixture; give the teacher UNet")

@@ -322,8 +322,9 @@ class Search:
 
 def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, progress=None,
                          batch_size: int = 256, teacher_cache: Path | None = None,
-                         costs: StepCosts | None = None) -> Search:
-    """Wire a search to a model: step costs (counted unless given), the teacher, the fitness on fixed noise.
+                         costs: StepCosts | None = None, model_fingerprint: str | None = None) -> Search:
+    """Wire a search to a model: step costs and weights fingerprint (computed unless given), the teacher, the
+    fitness on fixed noise.
 
     The settings are checked before the teacher's samples are drawn, the slow part of the set-up."""
     from ..cost import measure_step_costs
@@ -336,7 +337,7 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     teacher = Schedule.full("ddim", cfg.teacher_steps)
     out_dir = Path(out_dir)
     search = Search(space, costs, costs.schedule_macs(teacher), None, cfg, out_dir, progress,
-                    model_fingerprint=weights_fingerprint(model.unet))
+                    model_fingerprint=model_fingerprint or weights_fingerprint(model.unet))
     # refused before the teacher runs (the slow part): an impossible budget, a damaged or foreign state
     search._initial(np.random.default_rng(cfg.seed))
     search._load_state()
