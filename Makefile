@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.flexdiff-installed
+RAY_STAMP := $(VENV)/.flexdiff-ray-installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: setup bench bench-full test clean
@@ -23,13 +24,22 @@ $(STAMP): pyproject.toml
 		|| { echo "CUDA packages were pulled in" >&2; exit 1; }
 	touch $(STAMP)
 
+# The tests also run the distributed paths, so they install the optional ray extra (make bench does not).
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test,ray]'
+	@$(BIN)/python -m pip list 2>/dev/null | grep -E '^torch +2\.13\.0' >/dev/null \
+		|| { echo "torch is not 2.13.0 after installing ray" >&2; exit 1; }
+	@! $(BIN)/python -m pip list 2>/dev/null | grep -i '^nvidia' \
+		|| { echo "CUDA packages were pulled in by ray" >&2; exit 1; }
+	touch $(RAY_STAMP)
+
 bench: $(STAMP)
 	$(BIN)/flexdiff bench --preset quick --out runs/bench
 
 bench-full: $(STAMP)
 	$(BIN)/flexdiff bench --preset full --out runs/bench-full
 
-test: $(STAMP)
+test: $(RAY_STAMP)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest -q
 

@@ -95,8 +95,10 @@ class SampleResult:
 def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
                   cond: Conditioning | None) -> torch.Tensor:
     engine.reset()
-    x = x * scheduler.init_noise_sigma
+    device = next(unet.parameters()).device  # a Ray worker may hold the model on its GPU; noise stays on the CPU
+    x = x.to(device) * scheduler.init_noise_sigma
     kwargs = cond.model_kwargs(x.shape[0]) if cond is not None else {}
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
     guided = cond is not None and cond.guided
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
@@ -106,7 +108,7 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cond.guidance_scale * (eps_c - eps_u)
         x = scheduler.step(eps, t, x).prev_sample  # the sampler's update x_t -> x_{t-1}
-    return x
+    return x.cpu()
 
 
 def sample(

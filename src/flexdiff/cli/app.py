@@ -186,6 +186,17 @@ def labels_from_options(loaded, labels: Optional[str], guidance: float) -> tuple
     return parse_labels(labels, num_classes(loaded.unet)) if labels else ()
 
 
+WorkersOpt = typer.Option(None, "--workers", min=1, help="Run the independent jobs on N local Ray workers (pip install 'flexdiff[ray]'); each uses --threads torch threads. Default: serially here.")
+RayAddressOpt = typer.Option(None, "--ray-address", help="Run them on an existing Ray cluster (e.g. auto, or ray://HOST:10001): --workers of them, or one per CPU (per GPU with --gpus-per-worker).")
+GpusOpt = typer.Option(0.0, "--gpus-per-worker", min=0.0, help="GPUs each Ray worker reserves (its model moves to its GPU).")
+
+
+def workers_from_options(workers: Optional[int], address: Optional[str], threads: Optional[int], gpus: float):
+    from ..parallel import from_options
+
+    return from_options(workers, address, threads, gpus)
+
+
 SamplerOpt = typer.Option("ddim", "--sampler", help="ddim | dpmsolver++ | euler (ignored with --schedule).")
 StepsOpt = typer.Option(100, "--steps", min=1, help="Sampler steps (ignored with --schedule).")
 ScheduleOpt = typer.Option(None, "--schedule", help="A schedule JSON (full / partial:<branch> / null per step).")

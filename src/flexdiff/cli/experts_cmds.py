@@ -9,13 +9,17 @@ import typer
 
 from ..errors import FlexdiffError
 from .app import (
+    GpusOpt,
     ModelOpt,
+    RayAddressOpt,
+    WorkersOpt,
     app,
     console,
     progress_bar,
     set_threads,
     training_images_from_option,
     user_errors,
+    workers_from_options,
 )
 
 
@@ -71,7 +75,10 @@ def experts_cmd(
     batch_size: int = typer.Option(64, min=1),
     seed: int = typer.Option(0),
     baselines: bool = typer.Option(False, "--baselines", help="Also build the Diff-Pruning single model and the uniform-width experts at the same MACs."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (of each worker with --workers)."),
+    workers: Optional[int] = WorkersOpt,
+    ray_address: Optional[str] = RayAddressOpt,
+    gpus_per_worker: float = GpusOpt,
 ):
     """Prune the model into a mixture of interval experts (DiffPruning) under a MACs budget.
 
@@ -87,6 +94,7 @@ def experts_cmd(
 
     set_threads(threads)
     check_folder_target(out)
+    pool = workers_from_options(workers, ray_address, threads, gpus_per_worker)
     if stage is not None and stage not in STAGES:
         raise FlexdiffError(f"--stage {stage!r}; accepted: {', '.join(STAGES)}")
     cfg = ExpertsConfig(budget=budget, sampler=sampler, num_steps=steps, k=k, elastic_steps=elastic_steps,
@@ -95,7 +103,7 @@ def experts_cmd(
     images = training_images_from_option(data, loaded)
     t0 = time.perf_counter()
     with run_folder(out), progress_bar() as progress:
-        pipe = ExpertsPipeline(loaded, out, cfg, images, progress)
+        pipe = ExpertsPipeline(loaded, out, cfg, images, progress, workers=pool)
         stages = STAGES if stage is None else STAGES[:STAGES.index(stage) + 1]
         result = pipe.run(stages)
         if baselines and result is not None:

@@ -9,9 +9,12 @@ import typer
 
 from ..errors import FlexdiffError
 from .app import (
+    GpusOpt,
     GuidanceOpt,
     LabelsOpt,
     ModelOpt,
+    RayAddressOpt,
+    WorkersOpt,
     app,
     console,
     labels_from_options,
@@ -19,6 +22,7 @@ from .app import (
     progress_bar,
     set_threads,
     user_errors,
+    workers_from_options,
 )
 
 
@@ -43,7 +47,10 @@ def search(
     seed: int = typer.Option(0, help="Seed of the search and of the evaluation noise."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (of each worker with --workers)."),
+    workers: Optional[int] = WorkersOpt,
+    ray_address: Optional[str] = RayAddressOpt,
+    gpus_per_worker: float = GpusOpt,
 ):
     """Search a schedule of full / partial / null steps that stays closest to the teacher under a MACs budget."""
     from ..anatomy import num_branches as count_branches
@@ -57,6 +64,7 @@ def search(
 
     set_threads(threads)
     check_folder_target(out)
+    pool = workers_from_options(workers, ray_address, threads, gpus_per_worker)
     if budget is not None and speedup is not None:
         raise FlexdiffError("give either --budget or --speedup, not both")
     if speedup is not None:
@@ -75,7 +83,7 @@ def search(
                        labels=labels_from_options(loaded, labels, guidance), guidance=guidance)
     meter = QualityMeter.for_loaded(loaded)
     with run_folder(out), progress_bar() as progress:
-        s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress)
+        s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress, workers=pool)
         result = s.run()
     b = result.best
     console.print(

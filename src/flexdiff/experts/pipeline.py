@@ -25,12 +25,14 @@ from ..fingerprints import data_fingerprint, weights_fingerprint
 from ..io import load_weights, read_json, save_safetensors, write_json
 from ..mixture import Intervals, is_mixture, save_mixture
 from ..models import LoadedModel
+from ..parallel import SERIAL, Workers, run_tasks
 from ..samplers import sampler_timesteps
 from ..schedule import SAMPLERS, Schedule
 from .agent import AgentConfig, SpecSpace, check_budget, train_agent
 from .elastic import ElasticUNet, SubnetSpec
-from .finetune import IntervalBatches, TuneConfig, taylor_importance, tune_elastic, tune_static
+from .finetune import IntervalBatches, TuneConfig
 from .intervals import MEASURES, find_intervals, similarity_images
+from .jobs import tune_elastic_job, tune_static_job
 
 STAGES = ("intervals", "elastic", "agent", "final")
 
@@ -131,13 +133,14 @@ def training_images(model: LoadedModel, images: torch.Tensor | None) -> torch.Te
 
 class ExpertsPipeline:
     def __init__(self, model: LoadedModel, out_dir: Path, cfg: ExpertsConfig = ExpertsConfig(),
-                 images: torch.Tensor | None = None, progress=None):
+                 images: torch.Tensor | None = None, progress=None, workers: Workers = SERIAL):
         if model.is_conditional:
             raise FlexdiffError("flexdiff experts trains on images only: conditional UNets need their "
                                 "conditioning data, which this pipeline does not load")
         if is_mixture(model.unet):
             raise FlexdiffError(f"--model {model.path} is already a mixture; give the teacher UNet")
         self.model, self.cfg, self.progress = model, cfg, progress
+        self.workers = workers  # where the per-interval fine-tunings run; the agent stays here
         self.out = Path(out_dir)
         self.images, self.labels = training_data(model, images)
         self.teacher = model.unet.eval().requires_grad_(False)
@@ -190,27 +193,50 @@ class ExpertsPipeline:
         folder = self.out / "elastic"
         folder.mkdir(parents=True, exist_ok=True)
         guard(folder, {**self.identity, **self.cfg.stage_settings("elastic")})
-        out = []
-        for k, (lo, hi) in enumerate(iv.bounds()):
-            d = folder / f"expert_{k}"
-            d.mkdir(exist_ok=True)
-            elastic = ElasticUNet(copy.deepcopy(self.teacher))
-            done = d / "elastic.safetensors"
-            if done.exists():
-                elastic.unet.load_state_dict(load_weights(done))
-            else:
-                b = self.batches(lo, hi)
-                # re-order once from the teacher's own importance on this interval (deterministic, so a
-                # resumed run re-orders the same way before its checkpoint is loaded)
-                elastic.reorder(taylor_importance(elastic, b, self.cfg.importance_batches, self.cfg.batch_size,
-                                                  seed=self.cfg.seed + k))
-                summary = tune_elastic(elastic, b, d / "checkpoint.pt", self.tune_config(self.cfg.elastic_steps, k),
-                                       progress=self.progress, description=f"elastic expert {k} [{lo}, {hi}]")
-                write_json(d / "summary.json", summary)
-                save_safetensors(done, elastic.unet.state_dict())
-                (d / "checkpoint.pt").unlink(missing_ok=True)
-            out.append(elastic)
+        out: list[ElasticUNet | None] = []
+        for k in range(iv.k):
+            done = folder / f"expert_{k}" / "elastic.safetensors"
+            out.append(self._elastic_from(load_weights(done)) if done.exists() else None)
+        pending = [k for k, e in enumerate(out) if e is None]
+        jobs = [dict(teacher=self.teacher, batches=self.batches(*iv.bounds()[k]),
+                     cfg=self.tune_config(self.cfg.elastic_steps, k), importance_batches=self.cfg.importance_batches,
+                     importance_seed=self.cfg.seed + k, checkpoint=folder / f"expert_{k}" / "checkpoint.pt",
+                     description="elastic expert {} [{}, {}]".format(k, *iv.bounds()[k])) for k in pending]
+
+        def store(i: int, result) -> None:
+            d = folder / f"expert_{pending[i]}"
+            state, summary = result
+            write_json(d / "summary.json", summary)
+            save_safetensors(d / "elastic.safetensors", state)
+            (d / "checkpoint.pt").unlink(missing_ok=True)
+            out[pending[i]] = self._elastic_from(state)
+
+        self._run_jobs(tune_elastic_job, jobs, store, "elastic experts")
         return out
+
+    def _elastic_from(self, state: dict) -> ElasticUNet:
+        elastic = ElasticUNet(copy.deepcopy(self.teacher))
+        elastic.unet.load_state_dict(state)
+        return elastic
+
+    def _run_jobs(self, fn, jobs: list[dict], store, what: str) -> None:
+        """Run per-interval jobs here, one after the other, or as Ray tasks on the workers; `store`
+        keeps each result as it lands (so a killed driver loses only the jobs still running)."""
+        if not self.workers.parallel:
+            for i, job in enumerate(jobs):
+                store(i, fn(**job, progress=self.progress))
+            return
+        task = self.progress.add_task(f"{what}: {len(jobs)} fine-tunings on Ray workers", total=len(jobs)) \
+            if self.progress and jobs else None
+
+        def landed(i: int, result) -> None:
+            store(i, result)
+            if task is not None:
+                self.progress.update(task, advance=1)
+
+        run_tasks(self.workers, fn, [dict(job, threads=self.workers.threads) for job in jobs], landed)
+        if task is not None:
+            self.progress.remove_task(task)
 
     def served(self, iv: Intervals) -> list[int]:
         run = Schedule.full(self.cfg.sampler, self.cfg.num_steps)
@@ -273,16 +299,17 @@ class ExpertsPipeline:
         folder = self.budget_dir(budget) / ("final" if name == "mixture" else f"final-{name}")
         folder.mkdir(parents=True, exist_ok=True)
         guard(folder, {**self.identity, **cfg.stage_settings("final"), "specs": [s.to_dict() for s in specs]})
-        experts = []
-        for k, ((lo, hi), spec, elastic) in enumerate(zip(iv.bounds(), specs, elastics)):
-            d = folder / f"expert_{k}"
-            d.mkdir(exist_ok=True)
-            model = elastic.extract(spec)
-            summary = tune_static(model, self.batches(lo, hi), d / "checkpoint.pt",
-                                  self.tune_config(self.cfg.final_steps, 100 + k), self.progress,
-                                  f"{name} expert {k} [{lo}, {hi}]")
-            write_json(d / "summary.json", summary)
-            experts.append(model)
+        experts = [elastic.extract(spec) for spec, elastic in zip(specs, elastics)]
+        jobs = [dict(model=experts[k], batches=self.batches(lo, hi), cfg=self.tune_config(self.cfg.final_steps, 100 + k),
+                     checkpoint=folder / f"expert_{k}" / "checkpoint.pt", description=f"{name} expert {k} [{lo}, {hi}]")
+                for k, (lo, hi) in enumerate(iv.bounds())]
+
+        def store(k: int, result) -> None:
+            state, summary = result
+            experts[k].load_state_dict(state)  # a worker's copy was tuned; here, the same object already is
+            write_json(folder / f"expert_{k}" / "summary.json", summary)
+
+        self._run_jobs(tune_static_job, jobs, store, f"{name} experts")
         served = self.served(iv)
         teacher_call = count_macs(self.teacher)
         calls = [count_macs(m) for m in experts]

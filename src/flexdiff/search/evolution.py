@@ -21,13 +21,13 @@ import numpy as np
 from ..configs import Config
 from ..cost import StepCosts
 from ..errors import FlexdiffError
-from ..io import save_figure, write_json
+from ..io import write_json
+from ..parallel import SERIAL, Workers
 from ..schedule import Schedule
+from .plot import plot_search
+from .workers import Scorer
 
 STATE_FILE = "search_state.json"
-METRIC_LABELS = {"distance": "per-sample distance to the teacher", "rfid": "rFID to the teacher's samples",
-                 "fid": "quality vs real data (FID; digits: class-balanced FD)"}
-
 
 @dataclass(frozen=True)
 class SearchConfig(Config):
@@ -83,8 +83,10 @@ def _rank_and_crowding(objs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class Search:
     def __init__(self, space, costs: StepCosts, teacher_macs: float, fitness: Callable[[Schedule], tuple[float, float]],
-                 cfg: SearchConfig, out_dir: Path, progress=None, model_fingerprint: str | None = None):
+                 cfg: SearchConfig, out_dir: Path, progress=None, model_fingerprint: str | None = None,
+                 workers: Workers = SERIAL):
         self.space, self.costs, self.fitness, self.cfg = space, costs, fitness, cfg
+        self.workers = workers  # not part of the identity: a parallel run resumes a serial one and vice versa
         self.teacher_macs = teacher_macs
         self.budget_macs = (cfg.budget if cfg.budget is not None else 1.0) * teacher_macs
         self.out_dir = Path(out_dir)
@@ -127,23 +129,27 @@ class Search:
         write_json(self.out_dir / STATE_FILE, state)
 
     # --- scoring ------------------------------------------------------------------------
-    def _score(self, genomes: list[dict], state: dict, task=None) -> list[dict]:
-        out = []
-        for g in genomes:
-            sched = self.space.to_schedule(g)
-            key = sched.key()
-            if key not in state["evaluated"]:
-                value, seconds = self.fitness(sched)
-                state["evaluated"][key] = dict(fitness=value, macs=self.costs.schedule_macs(sched),
-                                               seconds=seconds, generation=state["generation"] + 1, genome=g)
-                # Saved at once: the RNG state in the file is still the last finished generation's, so a
-                # restarted run redraws this generation's candidates and finds these scores cached.
-                self._save_state(state)
-            e = state["evaluated"][key]
-            out.append(dict(genome=g, key=key, fitness=e["fitness"], macs=e["macs"]))
+    def _score(self, genomes: list[dict], state: dict, scorer: Scorer, task=None) -> list[dict]:
+        gen = state["generation"] + 1
+        keys = [self.space.to_schedule(g).key() for g in genomes]
+        fresh = [i for i, k in enumerate(keys) if k not in state["evaluated"] and k not in keys[:i]]
+        if task is not None:
+            self.progress.update(task, advance=len(genomes) - len(fresh))  # scored before (or in a killed run)
+
+        def record(j: int, result) -> None:
+            i = fresh[j]
+            value, seconds, worker = result
+            state["evaluated"][keys[i]] = dict(fitness=value, macs=self.costs.schedule_macs(
+                self.space.to_schedule(genomes[i])), seconds=seconds, worker=worker, generation=gen, genome=genomes[i])
+            # Saved at once: the RNG state in the file is still the last finished generation's, so a
+            # restarted run redraws this generation's candidates and finds these scores cached.
+            self._save_state(state)
             if task is not None:
                 self.progress.update(task, advance=1)
-        return out
+
+        scorer([self.space.to_schedule(genomes[i]) for i in fresh], record)
+        return [dict(genome=g, key=k, fitness=state["evaluated"][k]["fitness"], macs=state["evaluated"][k]["macs"])
+                for g, k in zip(genomes, keys)]
 
     def _select(self, members: list[dict]) -> list[dict]:
         """Keep the population's size: best fitness (ties: fewer MACs), or NSGA-II in pareto mode."""
@@ -214,6 +220,13 @@ class Search:
         return children
 
     def run(self, on_generation: Callable[[int], None] | None = None) -> SearchResult:
+        scorer = Scorer(self.fitness, self.workers)
+        try:
+            return self._run(scorer, on_generation)
+        finally:
+            scorer.close()
+
+    def _run(self, scorer: Scorer, on_generation: Callable[[int], None] | None) -> SearchResult:
         state = self._load_state()
         rng = np.random.default_rng(self.cfg.seed)
         if state["rng"] is not None:
@@ -225,8 +238,9 @@ class Search:
         while state["generation"] < self.cfg.generations:
             g = state["generation"] + 1
             genomes = self._initial(rng) if g == 0 else self._offspring(state["population"], rng)
-            task = self.progress.add_task(f"generation {g}: scoring", total=len(genomes)) if self.progress else None
-            scored = self._score(genomes, state, task)
+            where = " on Ray workers" if self.workers.parallel else ""
+            task = self.progress.add_task(f"generation {g}: scoring{where}", total=len(genomes)) if self.progress else None
+            scored = self._score(genomes, state, scorer, task)
             if task is not None:
                 self.progress.remove_task(task)
             state["population"] = self._select(state["population"] + scored)
@@ -240,6 +254,8 @@ class Search:
                 median_fitness=float(np.median(fits)), new_evaluations=sum(
                     1 for e in state["evaluated"].values() if e["generation"] == g),
                 evaluated_total=len(state["evaluated"]), seconds=state["seconds"],
+                scored=[dict(key=k, fitness=e["fitness"], macs=e["macs"], worker=e.get("worker", "local"),
+                             seconds=e["seconds"]) for k, e in sorted(state["evaluated"].items()) if e["generation"] == g],
             ))
             self._save_state(state)
             if gen_task is not None:
@@ -255,7 +271,9 @@ class Search:
 
     def _front(self, state: dict) -> list[dict]:
         """Non-dominated (fitness, MACs) points among everything scored, cheapest first."""
-        items = [dict(key=k, **v) for k, v in state["evaluated"].items() if v["macs"] <= self.budget_macs]
+        # in key order: workers finish in any order, the front must not depend on it
+        items = [dict(key=k, **state["evaluated"][k]) for k in sorted(state["evaluated"])
+                 if state["evaluated"][k]["macs"] <= self.budget_macs]
         objs = np.array([[e["fitness"], e["macs"]] for e in items])
         from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
@@ -281,48 +299,15 @@ class Search:
             write_json(self.out_dir / "front.json", [s.to_dict() for s in front])
         best.save(self.out_dir / "best.json")
         write_json(self.out_dir / "history.json", state["history"])
-        self._plot(state, best, front)
+        plot_search(self.out_dir / "search.png", state, best, front, self.cfg, self.teacher_macs)
         return SearchResult(best=best, front=front, history=state["history"], evaluated=state["evaluated"],
                             seconds=state["seconds"])
-
-    def _plot(self, state: dict, best: Schedule, front: list[Schedule]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-        h = state["history"]
-        a1.plot([x["generation"] for x in h], [x["best_fitness"] for x in h], "o-", label="best")
-        a1.plot([x["generation"] for x in h], [x["median_fitness"] for x in h], "s--", label="population median")
-        a1.set_xlabel("generation")
-        a1.set_ylabel(METRIC_LABELS.get(self.cfg.metric, self.cfg.metric))
-        a1.set_title("search progress")
-        a1.legend()
-        a1.grid(alpha=0.3)
-        ev = list(state["evaluated"].values())
-        sc = a2.scatter([self.teacher_macs / e["macs"] for e in ev], [e["fitness"] for e in ev],
-                        c=[e["generation"] for e in ev], cmap="viridis", s=14)
-        fig.colorbar(sc, ax=a2, label="generation scored")
-        a2.scatter([best.meta["speedup_macs"]], [best.meta["fitness"]], marker="*", s=220, color="red", label="best")
-        if front:
-            a2.plot([s.meta["speedup_macs"] for s in front], [s.meta["fitness"] for s in front], "r-", lw=1,
-                    label="Pareto front")
-        if self.cfg.budget is not None:
-            a2.axvline(1 / self.cfg.budget, color="gray", ls="--", lw=0.8, label="budget")
-        a2.set_xlabel("speed-up in MACs vs teacher")
-        a2.set_ylabel(METRIC_LABELS.get(self.cfg.metric, self.cfg.metric) + " (lower is better)")
-        a2.set_yscale("log")
-        a2.set_title(f"every scored candidate ({len(ev)})")
-        a2.legend(fontsize=8)
-        a2.grid(alpha=0.3)
-        save_figure(self.out_dir / "search.png", fig)
-        plt.close(fig)
 
 
 def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, progress=None,
                          batch_size: int = 256, teacher_cache: Path | None = None,
-                         costs: StepCosts | None = None, model_fingerprint: str | None = None) -> Search:
+                         costs: StepCosts | None = None, model_fingerprint: str | None = None,
+                         workers: Workers = SERIAL) -> Search:
     """Wire a search to a model: step costs and weights fingerprint (computed unless given), the teacher, the
     fitness on fixed noise.
 
@@ -337,7 +322,7 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     teacher = Schedule.full("ddim", cfg.teacher_steps)
     out_dir = Path(out_dir)
     search = Search(space, costs, costs.schedule_macs(teacher), None, cfg, out_dir, progress,
-                    model_fingerprint=model_fingerprint or weights_fingerprint(model.unet))
+                    model_fingerprint=model_fingerprint or weights_fingerprint(model.unet), workers=workers)
     # refused before the teacher runs (the slow part): an impossible budget, a damaged or foreign state
     search._initial(np.random.default_rng(cfg.seed))
     search._load_state()

@@ -33,23 +33,32 @@ class Fitness:
 
     def __init__(self, model: LoadedModel, meter: QualityMeter, teacher: Schedule, metric: str,
                  samples: int, seed: int, workdir: Path, batch_size: int = 256, progress=None,
-                 labels: tuple[int, ...] = (), guidance: float = 1.0):
+                 labels: tuple[int, ...] = (), guidance: float = 1.0, teacher_features: np.ndarray | None = None):
         if metric not in METRICS:
             raise FlexdiffError(f"--metric {metric!r}: accepted values are {', '.join(METRICS)}")
         self.model, self.meter, self.metric, self.batch_size = model, meter, metric, batch_size
         self.progress = progress
+        # what a worker needs to score like this one (see worker_args)
+        self._args = dict(teacher=teacher, metric=metric, samples=samples, seed=seed, workdir=workdir,
+                          batch_size=batch_size, labels=tuple(labels), guidance=guidance)
         c = model.unet.config
         self.noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
         self.cond = class_conditioning(model.unet, tuple(labels), samples, guidance)
         tag = f"-labels{'_'.join(map(str, labels))}-g{guidance:g}" if labels else ""
         path = Path(workdir) / f"teacher-{teacher.num_steps}-{samples}-{seed}{tag}.safetensors"
         stored = (load_cache(path) or {}).get("features")  # a truncated file from a killed run is redrawn
-        if stored is not None and tuple(stored.shape) == (samples, meter.reference.shape[1]):
+        if teacher_features is not None:  # a worker: the driver drew them
+            self.teacher = teacher_features
+        elif stored is not None and tuple(stored.shape) == (samples, meter.reference.shape[1]):
             self.teacher = stored.numpy()
         else:  # none yet, or from another feature space
             images = self._images(teacher, "teacher")
             self.teacher = meter.features(images)
             save_safetensors(path, {"features": torch.from_numpy(self.teacher)})
+
+    def worker_args(self) -> dict:
+        """Keyword arguments that rebuild this fitness elsewhere (a Ray worker) without redrawing the teacher."""
+        return dict(self._args, teacher_features=self.teacher)
 
     def _images(self, schedule: Schedule, description: str) -> torch.Tensor:
         return sample(self.model.unet, self.model.scheduler_config, schedule, self.noise, self.batch_size,
