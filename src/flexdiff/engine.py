@@ -7,8 +7,15 @@ deeper unit (and the mid block) returns the output it produced at the last full 
 step makes no network call and returns the last noise prediction.
 
 Everything is done with diffusers' removable `ModelHook`s on module instances: no forked
-UNet code, no class patching. The per-run state (step counter, cache) lives in `EngineRun`,
-and the step index comes from that explicit counter, never from looking the timestep up.
+UNet code, no class patching. The per-run state (step index, cache) lives in `EngineRun`.
+
+Which step a UNet call is (docs/engine.md): with a scheduler (a pipeline's, or `sample`'s), a
+run starts when the pipeline calls `scheduler.set_timesteps` (the engine wraps that method on the
+instance), and each call's step is the position of its timestep in `scheduler.timesteps`. So a
+run that starts late (img2img `strength`), stops early (interrupted) or calls the UNet more than
+once per step (guidance in two calls) stays in step: repeated calls of one step are numbered
+slots, each with its own cache. A step whose cache is empty (the first step of a late start, a
+new slot) runs full. Without a scheduler every call is the next step (a counter).
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ HOOK_NAME = "flexdiff_step_engine"
 class EngineRun:
     """Per-run state: which step comes next, what the last full step cached, the last output."""
 
-    step: int = 0
+    index: int = -1  # the schedule step of the last call (-1: none yet)
+    slot: int = 0  # which call of that step (guidance in two calls: 0 and 1)
     mode: StepKind = StepKind.FULL
     branch: int = 0
-    cache: dict[int, Any] = field(default_factory=dict)
-    last_output: Any = None
+    cache: dict[tuple[int, int], Any] = field(default_factory=dict)  # (slot, unit) -> its output at the last full step
+    last_output: dict[int, Any] = field(default_factory=dict)  # slot -> the last noise prediction
     expert: int = 0  # with a mixture: the expert of the last full step
 
 
@@ -50,10 +58,10 @@ class _CacheHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         run = self.engine.run
         if run.mode is StepKind.PARTIAL and self.depth > run.branch:
-            return run.cache[self.key]
+            return run.cache[(run.slot, self.key)]
         out = self.fn_ref.original_forward(*args, **kwargs)
         if run.mode is StepKind.FULL:
-            run.cache[self.key] = out
+            run.cache[(run.slot, self.key)] = out
         return out
 
 
@@ -65,28 +73,32 @@ class _StepHook(ModelHook):
         self.engine = engine
 
     def new_forward(self, module, *args, **kwargs):
-        eng, run = self.engine, self.engine.run
-        if run.step == 0 and eng.pipeline_scheduler is not None:
+        eng = self.engine
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        index, slot = eng.locate(t)
+        run = eng.run  # locate may have started a new run
+        if run.index == -1 and eng.pipeline_scheduler is not None:
             eng.check_pipeline_scheduler()
-        step = eng.schedule.steps[run.step]
-        run.mode = step.kind
+        step = eng.schedule.steps[index]
+        kind = step.kind
+        if kind is not StepKind.FULL and slot not in run.last_output:
+            kind = StepKind.FULL  # nothing cached for this call yet (a late start, a new slot): compute it
+        run.index, run.slot, run.mode = index, slot, kind
         run.branch = step.branch if step.branch is not None else 0
-        if step.kind is StepKind.NULL:
-            out = run.last_output  # no network call: reuse the last noise prediction
+        if kind is StepKind.NULL:
+            out = run.last_output[slot]  # no network call: reuse the last noise prediction
         elif eng.is_mixture:
             # a full step calls the expert of its timestep; a partial step calls the expert of the last
             # full step, whose deep features are the ones in the cache
-            t = args[1] if len(args) > 1 else kwargs["timestep"]
-            run.expert = expert_for_step(step.kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
+            run.expert = expert_for_step(kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
             out = self.fn_ref.original_forward(*args, expert=run.expert, **kwargs)
-            run.last_output = out
+            run.last_output[slot] = out
         else:
             out = self.fn_ref.original_forward(*args, **kwargs)
-            run.last_output = out
-        eng.calls[step.kind.value] += 1
-        run.step = (run.step + 1) % eng.schedule.num_steps  # a new sampling run starts after the last step
-        if run.step == 0:
-            eng.run = EngineRun()  # drop the cache: the next run must not see this run's features
+            run.last_output[slot] = out
+        eng.calls[kind.value] += 1
+        if eng.pipeline_scheduler is None and index == eng.schedule.num_steps - 1:
+            eng.reset()  # counter mode: the next call starts a new run; drop this run's features now
         return out
 
 
@@ -141,8 +153,29 @@ class StepEngine:
             )
 
     def reset(self) -> None:
-        """Start a new sampling run: step counter to 0, cache emptied."""
+        """Start a new sampling run: no step taken yet, cache emptied."""
         self.run = EngineRun()
+
+    def locate(self, t) -> tuple[int, int]:
+        """(schedule step, call slot) of a UNet call at timestep `t`; starts a new run where one begins."""
+        run, n = self.run, self.schedule.num_steps
+        timesteps = getattr(self.pipeline_scheduler, "timesteps", None)
+        if timesteps is None or len(timesteps) != n:
+            if self.pipeline_scheduler is not None and run.index == -1:
+                self.check_pipeline_scheduler()  # names the mismatch (a scheduler not set up for this schedule)
+            return run.index + 1, 0  # counter mode: every call is the next step
+        found = (torch.as_tensor(timesteps).float() == float(torch.as_tensor(t).reshape(-1)[0])).nonzero()
+        if len(found) != 1:
+            raise FlexdiffError(
+                f"the UNet was called at timestep {float(torch.as_tensor(t).reshape(-1)[0]):g}, which is "
+                f"{'not one' if not len(found) else 'more than one'} of the scheduler's {n} timesteps: flexdiff "
+                "cannot tell which step of the schedule this call is")
+        index = int(found[0])
+        if index == run.index:
+            return index, run.slot + 1  # another call of the same step
+        if index < run.index:  # back to an earlier step without set_timesteps: a new run
+            self.reset()
+        return index, 0
 
     def attach(self) -> "StepEngine":
         if self.attached:
@@ -161,13 +194,33 @@ class StepEngine:
                         key += 1
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), HOOK_NAME)
         self._hooked.append(self.unet)
+        self._watch_set_timesteps()
         self.reset()
         return self
+
+    def _watch_set_timesteps(self) -> None:
+        """A pipeline call begins with `scheduler.set_timesteps`: wrap it (on this instance only) to start a run."""
+        sched = self.pipeline_scheduler
+        if sched is None or "set_timesteps" in vars(sched):
+            return
+        original = sched.set_timesteps
+
+        def set_timesteps(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.reset()
+            return out
+
+        sched.set_timesteps = set_timesteps
+        self._wrapped_scheduler = sched
 
     def detach(self) -> None:
         for module in self._hooked:
             module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
         self._hooked.clear()
+        sched = getattr(self, "_wrapped_scheduler", None)
+        if sched is not None:
+            del sched.set_timesteps  # the class's method shows through again
+            self._wrapped_scheduler = None
         self.reset()
 
     def __enter__(self) -> "StepEngine":
@@ -182,7 +235,8 @@ def apply_schedule(model_or_pipeline: Any, schedule: Schedule) -> StepEngine:
 
     Call `engine.detach()` (or use the engine as a context manager) to restore the model. A
     pipeline must be called with `num_inference_steps=schedule.num_steps` and a scheduler of the
-    schedule's kind; each UNet call advances the step counter by one.
+    schedule's kind; each UNet call is placed by its timestep (img2img, interrupted runs and
+    two calls per step stay in step: see the module's docstring).
     """
     unet = getattr(model_or_pipeline, "unet", model_or_pipeline)
     return StepEngine(unet, schedule, getattr(model_or_pipeline, "scheduler", None)).attach()

@@ -140,7 +140,7 @@ def sample(
     outs = []
     task = progress.add_task(description or schedule.name, total=len(noise)) if progress else None
     t0 = time.perf_counter()
-    with StepEngine(unet, schedule) as engine:
+    with StepEngine(unet, schedule, scheduler) as engine:
         for start in range(0, len(noise), batch_size):
             chunk = noise[start:start + batch_size]
             set_timesteps(scheduler, schedule)  # also resets the multistep solver's history
