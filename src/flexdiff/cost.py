@@ -50,6 +50,9 @@ def _example_inputs(unet, cross_attention_len: int = 77):
     kwargs = {}
     if isinstance(unet, UNet2DConditionModel):
         kwargs["encoder_hidden_states"] = torch.zeros(1, cross_attention_len, cfg.cross_attention_dim)
+        if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 size/crop ids
+            text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, text_dim), "time_ids": torch.zeros(1, 6)}
     elif getattr(cfg, "num_class_embeds", None) is not None:
         kwargs["class_labels"] = torch.zeros(1, dtype=torch.long)
     return x, torch.tensor([500]), kwargs

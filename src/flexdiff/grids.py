@@ -31,9 +31,11 @@ def grid_array(images: torch.Tensor, ncol: int = 8, pad: int = 1, scale: int = 1
     return out
 
 
-def save_grid(images: torch.Tensor, path: Path, ncol: int = 8, scale: int = 4) -> Path:
+def save_grid(images: torch.Tensor, path: Path, ncol: int = 8, scale: int | None = None) -> Path:
+    """A PNG grid; small images are enlarged (16 px digits 4x, 64 px 2x, 128 px and up as they are)."""
     from PIL import Image
 
+    scale = scale or max(1, min(4, 128 // int(images.shape[-1])))
     arr = grid_array(images, ncol=ncol, scale=scale)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     return _atomic(Path(path), lambda p: img.save(p, format="PNG"))

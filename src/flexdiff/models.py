@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from .errors import FlexdiffError
 from .io import read_json_object
 from .mixture import experts_of, is_mixture_folder, load_mixture
+from .pipelines import PipelineParts, needs_parts, pipeline_index
 from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
 
 UNet = UNet2DModel | UNet2DConditionModel
@@ -47,15 +48,34 @@ def default_mixture_dir() -> Path:
 
 @dataclass
 class LoadedModel:
-    """A UNet plus the scheduler config it was trained with, and where it came from."""
+    """A UNet plus the scheduler config it was trained with, where it came from, and (a pipeline
+    folder) its decoder and text encoders."""
 
     unet: UNet
     scheduler_config: dict
     path: Path
+    parts: PipelineParts | None = None
 
     @property
     def is_conditional(self) -> bool:
         return isinstance(experts_of(self.unet)[0], UNet2DConditionModel)  # a mixture: its experts' class
+
+    @property
+    def is_latent(self) -> bool:
+        return self.parts is not None and self.parts.decoder is not None
+
+    @property
+    def has_text(self) -> bool:
+        return self.parts is not None and self.parts.has_text
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Samples as images in [-1, 1]: latents go through the pipeline's decoder, pixels pass."""
+        return self.parts.decode(samples) if self.is_latent else samples
+
+    @property
+    def cross_attention_len(self) -> int:
+        """Text tokens per prompt (what MACs are counted on): the tokenizer's length, else CLIP's 77."""
+        return self.parts.prompt_length() if self.has_text else 77
 
 
 def load_model(path: Path | str | None = None) -> LoadedModel:
@@ -111,7 +131,9 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     unet.eval().requires_grad_(False)
     sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
         if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
-    return LoadedModel(unet=unet, scheduler_config=sched, path=path)
+    index = pipeline_index(path)
+    parts = PipelineParts.load(path, unet) if needs_parts(index) else None
+    return LoadedModel(unet=unet, scheduler_config=sched, path=path, parts=parts)
 
 
 def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:

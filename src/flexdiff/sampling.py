@@ -41,6 +41,9 @@ class Conditioning:
     guidance_scale: float = 1.0
     class_labels: torch.Tensor | None = None
     null_label: int | None = None
+    # SDXL's added conditions (pooled text embeddings, size/crop time ids) of each branch
+    added: dict[str, torch.Tensor] | None = None
+    negative_added: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self):
         if (self.encoder_hidden_states is None) == (self.class_labels is None):
@@ -60,19 +63,29 @@ class Conditioning:
             if self.guided:
                 labels = torch.cat([torch.full_like(labels, self.null_label), labels])
             return {"class_labels": labels}
-        ehs = self.encoder_hidden_states
-        cond = ehs.expand(n, *ehs.shape[1:]) if ehs.shape[0] == 1 else ehs
-        if not self.guided:
-            return {"encoder_hidden_states": cond}
-        neg = torch.zeros_like(cond) if self.negative is None else self.negative.expand_as(cond)
-        return {"encoder_hidden_states": torch.cat([neg, cond])}
+        def rows(x):
+            return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x
+
+        def pair(pos, negative):  # unconditional first; a missing negative branch is zeros
+            pos = rows(pos)
+            return torch.cat([torch.zeros_like(pos) if negative is None else rows(negative).expand_as(pos), pos])
+
+        out = {"encoder_hidden_states": pair(self.encoder_hidden_states, self.negative) if self.guided
+               else rows(self.encoder_hidden_states)}
+        if self.added is not None:
+            neg = self.negative_added or {}
+            out["added_cond_kwargs"] = {k: pair(v, neg.get(k)) if self.guided else rows(v) for k, v in self.added.items()}
+        return out
 
     def rows(self, start: int, stop: int) -> "Conditioning":
         """The conditioning of rows start..stop of a batch (per-row tensors are sliced, shared ones kept)."""
         def cut(x):
             return x if x is None or x.shape[0] == 1 else x[start:stop]
+        def cut_all(d):
+            return None if d is None else {k: cut(v) for k, v in d.items()}
         return replace(self, encoder_hidden_states=cut(self.encoder_hidden_states), negative=cut(self.negative),
-                       class_labels=cut(self.class_labels))
+                       class_labels=cut(self.class_labels), added=cut_all(self.added),
+                       negative_added=cut_all(self.negative_added))
 
 
 def null_conditioning(unet) -> Conditioning | None:
@@ -92,13 +105,19 @@ class SampleResult:
 
 
 @torch.no_grad()
+def _to(v, device):
+    if isinstance(v, dict):
+        return {k: _to(x, device) for k, x in v.items()}
+    return v.to(device) if torch.is_tensor(v) else v
+
+
 def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
                   cond: Conditioning | None) -> torch.Tensor:
     engine.reset()
     device = next(unet.parameters()).device  # a Ray worker may hold the model on its GPU; noise stays on the CPU
     x = x.to(device) * scheduler.init_noise_sigma
     kwargs = cond.model_kwargs(x.shape[0]) if cond is not None else {}
-    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     guided = cond is not None and cond.guided
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x

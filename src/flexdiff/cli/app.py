@@ -160,11 +160,37 @@ LabelsOpt = typer.Option(None, "--labels", help="Class-conditional models (the d
 GuidanceOpt = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (with --labels, or --cond for text UNets); 1 = none.")
 
 
-def conditioning_from_options(loaded, cond: Optional[Path], labels: Optional[str], guidance: float, n: int):
-    """Text conditioning from --cond, or class labels from --labels; None for an unconditional model."""
+PromptOpt = typer.Option(None, "--prompt", help="Text-to-image pipelines: a prompt (repeatable; cycled over the samples). Encoded by the pipeline's own text encoder(s).")
+PromptsOpt = typer.Option(None, "--prompts", help="A text file with one prompt per line (a fixed set for search and evaluation).")
+NegativeOpt = typer.Option(None, "--negative-prompt", help="The unconditional branch of guidance (default: what the pipeline uses, the empty prompt).")
+
+
+def prompts_from_options(prompt: Optional[list[str]], prompts: Optional[Path]) -> list[str] | None:
+    """--prompt (repeatable) and --prompts FILE, together; None when neither is given."""
+    out = list(prompt or [])
+    if prompts is not None:
+        if not prompts.is_file():
+            raise FlexdiffError(f"--prompts {prompts}: no such file")
+        try:
+            lines = prompts.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise FlexdiffError(f"--prompts {prompts}: not a UTF-8 text file") from None
+        found = [line.strip() for line in lines if line.strip()]
+        if not found:
+            raise FlexdiffError(f"--prompts {prompts}: holds no prompt (one per line)")
+        out += found
+    return out if (prompt or prompts is not None) else None
+
+
+def conditioning_from_options(loaded, cond: Optional[Path], labels: Optional[str], guidance: float, n: int,
+                              prompts: list[str] | None = None, negative: Optional[str] = None):
+    """Prompts (--prompt/--prompts), class labels (--labels) or a --cond file; None for an unconditional model."""
     from ..sampling import class_conditioning, num_classes, parse_labels
 
     classes = num_classes(loaded.unet)
+    if (prompts is not None or negative is not None) and not loaded.has_text:
+        raise FlexdiffError(f"--prompt/--prompts/--negative-prompt: the model at {loaded.path} has no text encoder "
+                            "(give a pipeline folder with text_encoder/ and tokenizer/)")
     if labels is not None and classes is None:
         raise FlexdiffError(f"--labels: the model at {loaded.path} has no class labels (it is not a UNet2DModel "
                             "with num_class_embeds)")
@@ -173,8 +199,15 @@ def conditioning_from_options(loaded, cond: Optional[Path], labels: Optional[str
             raise FlexdiffError("--cond is only for conditional UNets (UNet2DConditionModel); this model takes --labels")
         return class_conditioning(loaded.unet, parse_labels(labels, classes) if labels else (), n, guidance)
     if guidance != 1.0 and not loaded.is_conditional:
-        raise FlexdiffError("--guidance needs a conditional model (--cond for a UNet2DConditionModel, --labels for "
-                            "a class-conditional UNet2DModel)")
+        raise FlexdiffError("--guidance needs a conditional model (--prompt or --cond for a UNet2DConditionModel, "
+                            "--labels for a class-conditional UNet2DModel)")
+    if loaded.has_text and cond is None:  # no prompt: the empty prompt, as the pipeline's unconditional samples
+        return loaded.parts.encode_prompts(prompts or [""], n, negative, guidance)
+    if prompts is not None:
+        raise FlexdiffError("give either --prompt/--prompts or --cond, not both")
+    if cond is not None and getattr(loaded.unet.config, "addition_embed_type", None) == "text_time":
+        raise FlexdiffError("--cond: an SDXL UNet also needs its added conditions (pooled text, size ids); give its "
+                            "pipeline folder and --prompt instead")
     return load_cond_file(cond, guidance, loaded)
 
 

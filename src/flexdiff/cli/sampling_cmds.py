@@ -14,6 +14,9 @@ from .app import (
     GuidanceOpt,
     LabelsOpt,
     ModelOpt,
+    NegativeOpt,
+    PromptOpt,
+    PromptsOpt,
     SamplerOpt,
     ScheduleOpt,
     StepsOpt,
@@ -22,6 +25,7 @@ from .app import (
     conditioning_from_options,
     console,
     progress_bar,
+    prompts_from_options,
     resolve_schedule,
     set_threads,
     user_errors,
@@ -43,7 +47,10 @@ def sample_cmd(
     cond: Optional[Path] = typer.Option(None, "--cond", help="Conditional UNets: safetensors with 'encoder_hidden_states' [and 'negative']."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
-    save_tensors: Optional[Path] = typer.Option(None, "--save-tensors", help="Also save the raw samples (safetensors)."),
+    prompt: Optional[list[str]] = PromptOpt,
+    prompts: Optional[Path] = PromptsOpt,
+    negative_prompt: Optional[str] = NegativeOpt,
+    save_tensors: Optional[Path] = typer.Option(None, "--save-tensors", help="Also save the images (and a latent model's raw latents) as safetensors."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Draw samples with a schedule (or a plain sampler) and write a PNG grid."""
@@ -59,18 +66,21 @@ def sample_cmd(
     check_output_file(save_tensors, "--save-tensors")
     loaded = load_model(model)
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
-    conditioning = conditioning_from_options(loaded, cond, labels, guidance, n)
+    conditioning = conditioning_from_options(loaded, cond, labels, guidance, n,
+                                             prompts_from_options(prompt, prompts), negative_prompt)
     c = loaded.unet.config
     noise = initial_noise(n, (c.in_channels, c.sample_size, c.sample_size), seed)
     with progress_bar() as progress:
         result = sample(loaded.unet, loaded.scheduler_config, sched, noise, cond=conditioning,
                         progress=progress, description=f"sampling {sched.describe()}")
-    save_grid(result.images, out, ncol=max(1, round(n ** 0.5)))  # 100 -> 10 x 10: with --labels all, one digit per column
+    images = loaded.decode(result.images)  # a latent model's samples through its own decoder
+    save_grid(images, out, ncol=max(1, round(n ** 0.5)))  # 100 -> 10 x 10: with --labels all, one digit per column
     if save_tensors:
         from ..io import save_safetensors
 
-        save_safetensors(save_tensors, {"images": result.images})
-    costs = measure_step_costs(loaded.unet, guidance=conditioning is not None and conditioning.guided)
+        save_safetensors(save_tensors, {"images": images, **({"latents": result.images} if loaded.is_latent else {})})
+    costs = measure_step_costs(loaded.unet, guidance=conditioning is not None and conditioning.guided,
+                               cross_attention_len=loaded.cross_attention_len)
     console.print(
         f"{n} samples, {sched.describe()}: {costs.schedule_macs(sched) / 1e6:,.1f} M MACs/image, "
         f"{1000 * result.seconds / n:.2f} ms/image -> {out}"

@@ -1,0 +1,132 @@
+"""The rest of a diffusers pipeline folder: the decoder (VAE or VQ-VAE) that turns latents into
+images, and the text encoders that turn prompts into conditioning, each used the way the
+pipeline itself uses it (its own `encode_prompt`, its decoder's scaling factor, SDXL's added
+conditions from its own `_get_add_time_ids`).
+
+Loaded from the local folder only (`local_files_only`, safetensors only): nothing is fetched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import FlexdiffError
+from .io import read_json_object
+
+DECODERS = ("vae", "vqvae")
+TEXT_PARTS = ("text_encoder", "tokenizer")
+
+
+def pipeline_index(path: Path) -> dict | None:
+    f = Path(path) / "model_index.json"
+    return read_json_object(f, "the pipeline index") if f.exists() else None
+
+
+def _present(index: dict, name: str) -> bool:
+    v = index.get(name)
+    return isinstance(v, list) and len(v) == 2 and v[0] is not None and v[1] is not None
+
+
+def needs_parts(index: dict | None) -> bool:
+    """Does the pipeline hold a decoder or text encoders (else the UNet alone samples images)?"""
+    return index is not None and any(_present(index, n) for n in DECODERS + TEXT_PARTS)
+
+
+class PipelineParts:
+    """A pipeline's decoder and prompt encoders around flexdiff's own sampling loop."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def load(cls, path: Path, unet) -> "PipelineParts":
+        from diffusers import DiffusionPipeline
+
+        index = pipeline_index(path) or {}
+        extra = {}
+        if "safety_checker" in index:  # flexdiff measures the raw model; the checker is not loaded
+            extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, unet=unet, use_safetensors=True, local_files_only=True,
+                                                     **extra)
+        except Exception as e:  # diffusers / transformers raise many kinds for a broken folder
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FlexdiffError(f"--model {path}: cannot load the pipeline's other parts ({msg}); flexdiff loads "
+                                "safetensors weights and local tokenizer files only") from None
+        for part in ("vae", "vqvae", "text_encoder", "text_encoder_2"):
+            m = getattr(pipe, part, None)
+            if isinstance(m, torch.nn.Module):
+                m.eval().requires_grad_(False)
+        return cls(pipe)
+
+    # ---- what it holds
+    @property
+    def decoder(self):
+        return getattr(self.pipe, "vae", None) or getattr(self.pipe, "vqvae", None)
+
+    @property
+    def has_text(self) -> bool:
+        return getattr(self.pipe, "text_encoder", None) is not None or getattr(self.pipe, "text_encoder_2", None) is not None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def image_size(self) -> int:
+        """Side of the decoded image in pixels."""
+        return int(self.pipe.unet.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
+
+    # ---- latents -> images
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Latents to images in [-1, 1], as the pipeline decodes them (scaling factor, shift)."""
+        d = self.decoder
+        if d is None:
+            return latents
+        cfg = d.config
+        z = latents / float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+        shift = getattr(cfg, "shift_factor", None)
+        if shift is not None:
+            z = z + float(shift)
+        device = next(d.parameters()).device
+        out = [d.decode(z[i:i + batch_size].to(device)).sample.float().cpu() for i in range(0, len(z), batch_size)]
+        return torch.cat(out).clamp(-1, 1)
+
+    # ---- prompts -> conditioning
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], n: int, negative: str | None = None, guidance: float = 1.0):
+        """Conditioning of n samples, row i with prompts[i % len(prompts)]; the unconditional branch is
+        what the pipeline makes of `negative` (None: its own choice, the empty prompt or zeros for SDXL)."""
+        from .sampling import Conditioning
+
+        if not self.has_text:
+            raise FlexdiffError("--prompt: this pipeline has no text encoder")
+        if not prompts:
+            raise FlexdiffError("--prompts: the file holds no prompt (one per line)")
+        guided = guidance != 1.0
+        out = self.pipe.encode_prompt(prompt=list(prompts), device=torch.device("cpu"), num_images_per_prompt=1,
+                                      do_classifier_free_guidance=guided,
+                                      negative_prompt=None if negative is None else [negative] * len(prompts))
+        rows = torch.arange(n) % len(prompts)
+        embeds, neg = out[0][rows], (out[1][rows] if guided and out[1] is not None else None)
+        added = neg_added = None
+        if self.is_sdxl:
+            pooled, neg_pooled = out[2][rows], (out[3][rows] if guided and out[3] is not None else None)
+            size = (self.image_size, self.image_size)
+            te2 = getattr(self.pipe, "text_encoder_2", None)
+            proj = int(te2.config.projection_dim) if te2 is not None else int(pooled.shape[-1])
+            time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                                   text_encoder_projection_dim=proj)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            if guided:
+                neg_added = {"text_embeds": neg_pooled, "time_ids": time_ids}
+        return Conditioning(encoder_hidden_states=embeds, negative=neg, guidance_scale=guidance,
+                            added=added, negative_added=neg_added)
+
+    def prompt_length(self) -> int:
+        """Tokens per prompt (the cross-attention length the MACs are counted on)."""
+        tok = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+        return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
