@@ -66,3 +66,27 @@ def test_sdxl_refuses_a_cond_file_without_added_conditions(pipelines, tmp_path):
     code, out = run("sample", "--model", pipelines["sdxl"], "--n", 2, "--steps", 2, "--out", tmp_path / "g.png",
                     "--cond", tmp_path / "c.safetensors")
     assert_user_error(code, out, "added conditions")
+
+
+@pytest.mark.parametrize("kind", list(tiny_pipelines.BUILDERS))
+def test_evaluate_and_search_need_no_real_data(pipelines, kind, tmp_path):
+    import json
+
+    text = ("--prompt", "a cat", "--prompt", "a dog", "--guidance", 2) if kind in ("sd", "sdxl") else ()
+    code, out = run("evaluate", "--model", pipelines[kind], "--samples", 4, "--deepcache", 2, "--steps", 10,
+                    "--teacher-steps", 10, "--out", tmp_path / "e.json", "--threads", 1, *text)
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "e.json").read_text())["metrics"]
+    assert set(metrics) == {"teacher psnr", "teacher ssim", "teacher rmse"}
+    assert 0 < metrics["teacher ssim"]["value"] <= 1 and metrics["teacher rmse"]["value"] > 0
+    code, out = run("search", "--model", pipelines[kind], "--out", tmp_path / "s", "--budget", 0.3, "--population", 3,
+                    "--generations", 1, "--eval-samples", 8, "--steps", "4,6", "--threads", 1, *text)
+    assert code == 0, out
+    best = Schedule.load(tmp_path / "s" / "best.json")
+    assert best.meta["speedup_macs"] >= 1 / 0.3 - 1e-9
+
+
+def test_search_without_real_data_refuses_a_real_data_metric(pipelines, tmp_path):
+    code, out = run("search", "--model", pipelines["ldm"], "--out", tmp_path / "s", "--budget", 0.3,
+                    "--metric", "fid", "--eval-samples", 8)
+    assert_user_error(code, out, "--metric fid")

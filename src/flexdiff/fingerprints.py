@@ -24,3 +24,8 @@ def data_fingerprint(*tensors: torch.Tensor | None) -> str:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def text_fingerprint(texts: list[str]) -> str:
+    """A short hash of prompts (their order matters: prompt i conditions sample i)."""
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]

@@ -73,6 +73,15 @@ class LoadedModel:
         return self.parts.decode(samples) if self.is_latent else samples
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images it makes (decoded, for a latent model)."""
+        c = experts_of(self.unet)[0].config
+        if self.is_latent:
+            size = self.parts.image_size
+            return (int(self.parts.decoder.config.out_channels), size, size)
+        return (int(c.out_channels), int(c.sample_size), int(c.sample_size))
+
+    @property
     def cross_attention_len(self) -> int:
         """Text tokens per prompt (what MACs are counted on): the tokenizer's length, else CLIP's 77."""
         return self.parts.prompt_length() if self.has_text else 77

@@ -200,6 +200,19 @@ def parse_labels(text: str, classes: int, option: str = "--labels") -> tuple[int
     return labels
 
 
+def model_conditioning(model, n: int, labels: tuple[int, ...] = (), prompts: tuple[str, ...] = (),
+                       negative: str | None = None, guidance: float = 1.0) -> Conditioning | None:
+    """Conditioning of n samples of a loaded model: its prompts (a pipeline with text encoders; none =
+    the empty prompt), else its class labels (see class_conditioning)."""
+    if getattr(model, "has_text", False):
+        if labels:
+            raise FlexdiffError("--labels is for class-conditional models; this pipeline takes --prompt")
+        return model.parts.encode_prompts(list(prompts) or [""], n, negative, guidance)
+    if prompts or negative is not None:
+        raise FlexdiffError(f"--prompt/--prompts/--negative-prompt: the model at {model.path} has no text encoder")
+    return class_conditioning(model.unet, tuple(labels), n, guidance)
+
+
 def class_conditioning(unet, labels: tuple[int, ...] | None, n: int, guidance: float = 1.0) -> Conditioning | None:
     """Conditioning of n samples of a class-conditional model: row i gets labels[i % len(labels)].
 

@@ -103,12 +103,17 @@ def evaluate(
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
+    prompt: Optional[list[str]] = PromptOpt,
+    prompts: Optional[Path] = PromptsOpt,
+    negative_prompt: Optional[str] = NegativeOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
-    """Measure quality: FID and KID against real data, and rFID / paired FID difference / distance to the teacher."""
+    """Measure quality: against the teacher on the same noise (PSNR, SSIM, distance: any model), and FID/KID
+    against real data (the digits, or --real-data)."""
     from ..io import write_json
-    from ..metrics import QualityMeter
+    from ..metrics import meter_for
+    from ..metrics.paired import PixelMeter, paired_report
     from ..models import load_model
     from ..sampling import initial_noise, sample
     from ..schedule import Schedule
@@ -118,26 +123,36 @@ def evaluate(
     loaded = load_model(model)
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
     c = loaded.unet.config
-    meter = QualityMeter.for_loaded(loaded, inception_weights, real_data)
+    meter = meter_for(loaded, inception_weights, real_data)
     teacher = Schedule.full("ddim", teacher_steps)
     noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
-    conditioning = conditioning_from_options(loaded, None, labels, guidance, samples)
+    conditioning = conditioning_from_options(loaded, None, labels, guidance, samples,
+                                             prompts_from_options(prompt, prompts), negative_prompt)
+    is_teacher = sched.steps == teacher.steps and sched.sampler == teacher.sampler
+    if is_teacher and isinstance(meter, PixelMeter):
+        raise FlexdiffError("this is the teacher's own schedule, and without real images (--real-data) quality is "
+                            "measured against the teacher: give a faster schedule (--schedule, --steps, --deepcache)")
     with progress_bar() as progress:
-        res = sample(loaded.unet, loaded.scheduler_config, sched, noise, cond=conditioning, progress=progress,
-                     description=f"sampling {sched.describe()}")
-        teacher_feats = None
-        if sched.steps != teacher.steps or sched.sampler != teacher.sampler:
-            t_res = sample(loaded.unet, loaded.scheduler_config, teacher, noise, cond=conditioning, progress=progress,
-                           description=f"teacher {teacher.describe()}")
-            teacher_feats = meter.features(t_res.images)
-    metrics = meter.report(meter.features(res.images), teacher_feats)
-    what = f"labels {labels}, guidance {guidance:g}" if labels else "unconditional"
-    console.print(f"{sched.describe()} on {samples} samples (seed {seed}, {what}), {meter.name} features, "
-                  f"95% intervals (headline: {meter.headline}, lower is better):")
+        images = loaded.decode(sample(loaded.unet, loaded.scheduler_config, sched, noise, cond=conditioning,
+                                      progress=progress, description=f"sampling {sched.describe()}").images)
+        teacher_images = None if is_teacher else loaded.decode(sample(
+            loaded.unet, loaded.scheduler_config, teacher, noise, cond=conditioning, progress=progress,
+            description=f"teacher {teacher.describe()}").images)
+    metrics = {}
+    if not isinstance(meter, PixelMeter):
+        metrics = meter.report(meter.features(images), None if is_teacher else meter.features(teacher_images))
+    if teacher_images is not None:
+        metrics.update(paired_report(images, teacher_images))
+    what = f"labels {labels}, guidance {guidance:g}" if labels else \
+        (f"prompts, guidance {guidance:g}" if loaded.has_text else "unconditional")
+    space = "teacher-relative only (no real images)" if isinstance(meter, PixelMeter) else \
+        f"{meter.name} features (headline: {meter.headline}, lower is better)"
+    console.print(f"{sched.describe()} on {samples} samples (seed {seed}, {what}), {space}, 95% intervals; "
+                  "teacher PSNR and SSIM: higher is closer to the teacher:")
     for k, v in metrics.items():
         scale = 1e3 if k == "kid" else 1.0
         label = "kid x1e3" if k == "kid" else k
-        console.print(f"  {label:18s} {v.value * scale:8.3f}  [{v.lo * scale:.3f}, {v.hi * scale:.3f}]")
+        console.print(f"  {label:18s} {v.value * scale:8.3f}  [{v.lo * scale:.3f}, {v.hi * scale:.3f}]", markup=False)
     if out:
         write_json(out, dict(schedule=sched.to_dict(), samples=samples, seed=seed, features=meter.name,
                              labels=labels, guidance=guidance, headline=meter.headline,

@@ -13,13 +13,18 @@ from .app import (
     GuidanceOpt,
     LabelsOpt,
     ModelOpt,
+    NegativeOpt,
+    PromptOpt,
+    PromptsOpt,
     RayAddressOpt,
     WorkersOpt,
     app,
+    conditioning_from_options,
     console,
     labels_from_options,
     parse_ints,
     progress_bar,
+    prompts_from_options,
     set_threads,
     user_errors,
     workers_from_options,
@@ -47,6 +52,11 @@ def search(
     seed: int = typer.Option(0, help="Seed of the search and of the evaluation noise."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
+    prompt: Optional[list[str]] = PromptOpt,
+    prompts: Optional[Path] = PromptsOpt,
+    negative_prompt: Optional[str] = NegativeOpt,
+    real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images, for --metric fid on a model that is not the digits default."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid Inception weights file (with --real-data)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (of each worker with --workers)."),
     workers: Optional[int] = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
@@ -54,7 +64,7 @@ def search(
 ):
     """Search a schedule of full / partial / null steps that stays closest to the teacher under a MACs budget."""
     from ..anatomy import num_branches as count_branches
-    from ..metrics import QualityMeter
+    from ..metrics import meter_for
     from ..mixture import original_teacher_macs
     from ..models import load_model
     from ..outputs import check_folder_target, run_folder
@@ -78,10 +88,14 @@ def search(
                     length_choices=lengths and parse_ints(lengths, "--lengths"),
                     branches=branches and parse_ints(branches, "--branches", minimum=0),
                     end_choices=ends and parse_ints(ends, "--ends", minimum=0))
+    texts = prompts_from_options(prompt, prompts)
+    if texts is not None or negative_prompt is not None:
+        conditioning_from_options(loaded, None, None, guidance, 1, texts, negative_prompt)  # checked before any work
     cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
                        eval_samples=eval_samples, metric=metric, seed=seed,
-                       labels=labels_from_options(loaded, labels, guidance), guidance=guidance)
-    meter = QualityMeter.for_loaded(loaded)
+                       labels=labels_from_options(loaded, labels, guidance), guidance=guidance,
+                       prompts=tuple(texts or ()), negative_prompt=negative_prompt)
+    meter = meter_for(loaded, inception_weights, real_data)
     with run_folder(out), progress_bar() as progress:
         s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress, workers=pool)
         result = s.run()

@@ -22,7 +22,19 @@ from .fid import (
     teacher_distance,
 )
 
-__all__ = ["Estimate", "QualityMeter"]
+__all__ = ["Estimate", "QualityMeter", "meter_for"]
+
+
+def meter_for(model, inception_weights: Path | None = None, real_data: Path | None = None):
+    """The feature space to score a model's samples in: the digits classifier, or Inception against
+    --real-data; for any other model without real data, its decoded images (teacher-relative only)."""
+    from ..data import DIGITS_RESOLUTION
+    from .paired import PixelMeter
+
+    shape = model.image_shape
+    if real_data is None and (shape[0], shape[1]) != (1, DIGITS_RESOLUTION):
+        return PixelMeter(shape)
+    return QualityMeter.for_model(shape, inception_weights, real_data)
 
 
 class QualityMeter:
@@ -47,6 +59,10 @@ class QualityMeter:
         if classify is not None:
             labels = classify(self.reference)
             self.shares = np.bincount(labels, minlength=int(labels.max()) + 1) / len(labels)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.reference.shape[1])
 
     @property
     def headline(self) -> str:

@@ -42,6 +42,8 @@ class SearchConfig(Config):
     teacher_steps: int = 100
     labels: tuple[int, ...] = ()  # class-conditional models: sample labels (cycled); () = unconditional
     guidance: float = 1.0  # classifier-free guidance scale of the teacher and every candidate
+    prompts: tuple[str, ...] = ()  # text-to-image pipelines: the fixed prompts (cycled); () = the empty prompt
+    negative_prompt: str | None = None
 
     def check(self) -> None:
         if self.budget is None and not self.pareto:
@@ -91,7 +93,11 @@ class Search:
         self.budget_macs = (cfg.budget if cfg.budget is not None else 1.0) * teacher_macs
         self.out_dir = Path(out_dir)
         self.progress = progress
-        self.identity = dict(config=asdict(cfg), space=space.to_dict())
+        config = asdict(cfg)
+        for name in ("prompts", "negative_prompt"):  # unset: left out, so searches saved before they existed resume
+            if not config[name]:
+                config.pop(name)
+        self.identity = dict(config=config, space=space.to_dict())
         if model_fingerprint is not None:  # what the search runs on, not only its settings
             self.identity["model"] = model_fingerprint
 
@@ -315,8 +321,12 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     from ..cost import measure_step_costs
     from .fitness import Fitness
 
-    costs = costs or measure_step_costs(model.unet, guidance=cfg.guidance != 1.0)
+    costs = costs or measure_step_costs(model.unet, guidance=cfg.guidance != 1.0,
+                                        cross_attention_len=getattr(model, "cross_attention_len", 77))
     space.validate(len(costs.partial))
+    if getattr(meter, "name", None) == "pixels" and cfg.metric != "distance":
+        raise FlexdiffError(f"--metric {cfg.metric}: without real images (--real-data) this model is scored against "
+                            "the teacher only; use --metric distance")
     from ..fingerprints import weights_fingerprint
 
     teacher = Schedule.full("ddim", cfg.teacher_steps)
@@ -329,7 +339,8 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     search.fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
                              teacher_cache or out_dir, batch_size=batch_size, progress=progress,
-                             labels=cfg.labels, guidance=cfg.guidance)
+                             labels=cfg.labels, guidance=cfg.guidance, prompts=cfg.prompts,
+                             negative_prompt=cfg.negative_prompt)
     return search
 
 

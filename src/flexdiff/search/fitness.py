@@ -13,7 +13,7 @@ from ..io import load_cache, save_safetensors
 from ..metrics import QualityMeter
 from ..metrics.fid import fid
 from ..models import LoadedModel
-from ..sampling import class_conditioning, initial_noise, sample
+from ..sampling import initial_noise, model_conditioning, sample
 from ..schedule import Schedule
 
 METRICS = ("rfid", "distance", "fid")
@@ -33,23 +33,29 @@ class Fitness:
 
     def __init__(self, model: LoadedModel, meter: QualityMeter, teacher: Schedule, metric: str,
                  samples: int, seed: int, workdir: Path, batch_size: int = 256, progress=None,
-                 labels: tuple[int, ...] = (), guidance: float = 1.0, teacher_features: np.ndarray | None = None):
+                 labels: tuple[int, ...] = (), guidance: float = 1.0, teacher_features: np.ndarray | None = None,
+                 prompts: tuple[str, ...] = (), negative_prompt: str | None = None):
         if metric not in METRICS:
             raise FlexdiffError(f"--metric {metric!r}: accepted values are {', '.join(METRICS)}")
         self.model, self.meter, self.metric, self.batch_size = model, meter, metric, batch_size
         self.progress = progress
         # what a worker needs to score like this one (see worker_args)
         self._args = dict(teacher=teacher, metric=metric, samples=samples, seed=seed, workdir=workdir,
-                          batch_size=batch_size, labels=tuple(labels), guidance=guidance)
+                          batch_size=batch_size, labels=tuple(labels), guidance=guidance, prompts=tuple(prompts),
+                          negative_prompt=negative_prompt)
         c = model.unet.config
         self.noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
-        self.cond = class_conditioning(model.unet, tuple(labels), samples, guidance)
+        self.cond = model_conditioning(model, samples, tuple(labels), tuple(prompts), negative_prompt, guidance)
         tag = f"-labels{'_'.join(map(str, labels))}-g{guidance:g}" if labels else ""
+        if prompts or negative_prompt is not None:  # the teacher's images depend on the prompts: in the name
+            from ..fingerprints import text_fingerprint
+
+            tag += f"-prompts{text_fingerprint(list(prompts) + [negative_prompt or ''])}-g{guidance:g}"
         path = Path(workdir) / f"teacher-{teacher.num_steps}-{samples}-{seed}{tag}.safetensors"
         stored = (load_cache(path) or {}).get("features")  # a truncated file from a killed run is redrawn
         if teacher_features is not None:  # a worker: the driver drew them
             self.teacher = teacher_features
-        elif stored is not None and tuple(stored.shape) == (samples, meter.reference.shape[1]):
+        elif stored is not None and tuple(stored.shape) == (samples, meter.feature_dim):
             self.teacher = stored.numpy()
         else:  # none yet, or from another feature space
             images = self._images(teacher, "teacher")
@@ -61,8 +67,9 @@ class Fitness:
         return dict(self._args, teacher_features=self.teacher)
 
     def _images(self, schedule: Schedule, description: str) -> torch.Tensor:
-        return sample(self.model.unet, self.model.scheduler_config, schedule, self.noise, self.batch_size,
-                      cond=self.cond, progress=self.progress, description=description).images
+        latents = sample(self.model.unet, self.model.scheduler_config, schedule, self.noise, self.batch_size,
+                         cond=self.cond, progress=self.progress, description=description).images
+        return self.model.decode(latents)  # scored on the images a user sees
 
     def features(self, schedule: Schedule) -> np.ndarray:
         return self.meter.features(self._images(schedule, schedule.describe()))
