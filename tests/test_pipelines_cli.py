@@ -90,3 +90,22 @@ def test_search_without_real_data_refuses_a_real_data_metric(pipelines, tmp_path
     code, out = run("search", "--model", pipelines["ldm"], "--out", tmp_path / "s", "--budget", 0.3,
                     "--metric", "fid", "--eval-samples", 8)
     assert_user_error(code, out, "--metric fid")
+
+
+@pytest.mark.parametrize("kind", list(tiny_pipelines.BUILDERS))
+def test_bench_tiny_preset_on_any_model(pipelines, kind, tmp_path):
+    import json
+
+    text = ("--prompt", "a cat", "--guidance", 2) if kind in ("sd", "sdxl") else ()
+    code, out = run("bench", "--model", pipelines[kind], "--out", tmp_path / "b", "--samples", 4, "--teacher-steps", 6,
+                    "--ddim-steps", "3", "--dpm-steps", "3", "--deepcache", "2", "--deepcache-branches", "0",
+                    "--search-budgets", "0.5", "--search-generations", 1, "--search-population", 2,
+                    "--search-eval-samples", 8, "--expert-budgets", "none", "--threads", 1, *text)
+    assert code == 0, out
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["teacher DDIM-6"]["metrics"] == {} and result["headline"] == "distance"
+    assert all(0 < r["metrics"]["teacher ssim"]["value"] <= 1 for r in result["rows"][1:])
+    assert any(r["family"] == "flexiffusion" for r in result["rows"])
+    assert "PSNR to teacher" in (tmp_path / "b" / "bench.md").read_text()
+    assert (tmp_path / "b" / "bench.png").stat().st_size > 0 and (tmp_path / "b" / "samples.png").stat().st_size > 0

@@ -27,6 +27,8 @@ class BenchConfig(Config):
     teacher_steps: int = 100
     labels: tuple[int, ...] = ()  # class-conditional models: labels cycled over the samples; () = unconditional
     guidance: float = 1.0  # classifier-free guidance scale, the same for every method
+    prompts: tuple[str, ...] = ()  # text-to-image pipelines: prompts cycled over the samples; () = the empty prompt
+    negative_prompt: str | None = None
     ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
     dpm_steps: tuple[int, ...] = (5, 10, 20)
     deepcache_intervals: tuple[int, ...] = (2, 3, 5)

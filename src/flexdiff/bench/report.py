@@ -43,8 +43,33 @@ def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
 HEADLINE_LABELS = {"cbfd": "cbFD", "fid": "FID"}
 
 
+def _relative_table(result: dict) -> str:
+    """The table of a model without real data: every method against the teacher, same noise and prompts."""
+    cfg = result["config"]
+    cond = (f"{len(cfg['prompts'])} prompt(s)" if cfg.get("prompts") else "the empty prompt or unconditional") \
+        + (f", guidance {cfg['guidance']:g}" if cfg.get("guidance", 1.0) != 1.0 else "")
+    lines = [
+        f"Samples per method: {cfg['samples']} (seed {cfg['seed']}, same initial noise and conditioning for every "
+        f"method: {cond}); no real data, so quality is measured against the teacher's decoded image from the same "
+        f"noise: PSNR and SSIM (higher: closer), RMSE in [-1, 1] units (lower); intervals: 95% (± half-width); "
+        f"torch threads: {result['threads']}.", "",
+        "| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | ms/image "
+        "| PSNR to teacher (dB) | SSIM to teacher | RMSE to teacher |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        m, c = r["metrics"], r["counts"]
+        lines.append(
+            f"| {r['method']} | {c['full']}/{c['partial']}/{c['null']} | {r['macs_per_image'] / 1e6:,.0f} "
+            f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {r['ms_per_image']:.1f} "
+            f"| {_est(m.get('teacher psnr'))} | {_est(m.get('teacher ssim'), 3)} | {_est(m.get('teacher rmse'), 3)} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(result: dict) -> str:
     cfg = result["config"]
+    if result.get("headline") == "distance":
+        return _relative_table(result)
     head = result.get("headline", "fid")
     label = HEADLINE_LABELS[head]
     balanced = head == "cbfd"
@@ -92,6 +117,8 @@ def plot_bench(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator
 
+    if result.get("headline") == "distance":
+        return _plot_relative(result, path)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     head = result.get("headline", "fid")
     label = HEADLINE_LABELS[head]
@@ -124,6 +151,35 @@ def plot_bench(result: dict, path: Path) -> Path:
     axes[0].set_ylabel(f"{label} ({result['feature_space']} features)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Quality vs cost — {result['config']['samples']} samples per method, same noise, 95% intervals")
+    save_figure(path, fig)
+    plt.close(fig)
+    return path
+
+
+def _plot_relative(result: dict, path: Path) -> Path:
+    """A model without real data: PSNR to the teacher against the cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    seen = set()
+    for r in result["rows"]:
+        e = r["metrics"].get("teacher psnr")
+        if e is None:
+            continue
+        color, marker = FAMILY_STYLE.get(r["family"], ("gray", "x"))
+        ax.errorbar(r["macs_per_image"] / 1e9, e["value"], yerr=[[e["value"] - e["lo"]], [e["hi"] - e["value"]]],
+                    fmt=marker, color=color, label=None if r["family"] in seen else r["family"], capsize=2)
+        seen.add(r["family"])
+    ax.set_xscale("log")
+    ax.set_xlabel("GMACs per image, whole sampling run (log)")
+    ax.set_ylabel("PSNR to the teacher's image (dB, higher is closer)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Closeness to the teacher vs cost — {result['config']['samples']} samples per method, 95% intervals",
+                 fontsize=10)
     save_figure(path, fig)
     plt.close(fig)
     return path

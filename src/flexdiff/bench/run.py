@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from ..cost import measure_step_costs
-from ..fingerprints import weights_fingerprint
+from ..fingerprints import text_fingerprint, weights_fingerprint
 from ..io import load_cache, save_safetensors, write_json, write_text
 from ..metrics import QualityMeter
+from ..metrics.paired import PixelMeter, paired_report
 from ..models import LoadedModel
-from ..sampling import class_conditioning, initial_noise, sample
+from ..sampling import initial_noise, model_conditioning, sample
 from ..schedule import Schedule
 from .methods import BenchConfig, Method
 from .report import markdown_table, mixture_comparisons, plot_bench, save_comparison_grid
@@ -25,9 +26,19 @@ def _model_fingerprint(model: LoadedModel) -> str:
     return weights_fingerprint(model.unet)
 
 
+def _conditioning_tag(cfg: BenchConfig) -> str:
+    """What the samples are conditioned on, for folder names and cache keys ('' = unconditional)."""
+    tag = f"-labels{'_'.join(map(str, cfg.labels))}-g{cfg.guidance:g}" if cfg.labels else ""
+    if cfg.prompts or cfg.negative_prompt is not None or (cfg.guidance != 1.0 and not cfg.labels):
+        tag += f"-prompts{text_fingerprint(list(cfg.prompts) + [cfg.negative_prompt or ''])}-g{cfg.guidance:g}"
+    return tag
+
+
 def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
     blob = json.dumps([fingerprint, method.schedule.key(), cfg.samples, cfg.seed, cfg.batch_size]
-                      + ([list(cfg.labels), cfg.guidance] if cfg.labels else []), sort_keys=True)
+                      + ([list(cfg.labels), cfg.guidance] if cfg.labels else [])
+                      + ([_conditioning_tag(cfg)] if cfg.prompts or cfg.negative_prompt is not None else []),
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -37,26 +48,34 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
 
     `fingerprint`: the model's weights fingerprint when the caller has it (hashing a large UNet takes seconds)."""
     fingerprint = fingerprint or _model_fingerprint(model)
-    from ..search import SearchConfig, SegmentSpace, StepwiseSpace, search_from_settings
+    from ..anatomy import num_branches
+    from ..samplers import num_train_timesteps
+    from ..search import SearchConfig, search_from_settings
+    from ..search.space import make_space
+
+    def space(kind: str):  # the searches' default spaces, with this model's branches and timesteps
+        return make_space(kind, "dpmsolver++", num_train_timesteps(model.scheduler_config), num_branches(model.unet))
 
     found, seconds = [], {}
     # one folder per model and conditioning: a bench rerun on another model (or with other labels)
     # starts its own searches, and never reuses another model's cached teacher
-    tag = f"-labels{'_'.join(map(str, cfg.labels))}-g{cfg.guidance:g}" if cfg.labels else ""
-    base = out_dir / "searches" / f"{fingerprint}{tag}"
+    base = out_dir / "searches" / f"{fingerprint}{_conditioning_tag(cfg)}"
+    relative = isinstance(meter, PixelMeter)  # no real data: every search scores the distance to the teacher
+    metrics = ("distance",) if relative else cfg.flexiffusion_metrics
     for budget in cfg.search_budgets:
-        runs = [("flexiffusion", SegmentSpace(), metric) for metric in cfg.flexiffusion_metrics]
-        if cfg.autodiffusion:
-            runs.append(("autodiffusion", StepwiseSpace(), "fid"))  # AutoDiffusion scores by FID to real data
-        for family, space, metric in runs:
+        runs = [("flexiffusion", space("segment"), metric) for metric in metrics]
+        if cfg.autodiffusion:  # AutoDiffusion scores by FID to real data, where there is some
+            runs.append(("autodiffusion", space("stepwise"), "distance" if relative else "fid"))
+        for family, sp, metric in runs:
             scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
                                 eval_samples=cfg.search_eval_samples, metric=metric, seed=cfg.seed,
-                                teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance)
+                                teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance,
+                                prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
             folder = base / (f"{family}-{metric}-{1 / budget:g}x" if family == "flexiffusion"
                              else f"{family}-{1 / budget:g}x")
-            result = search_from_settings(model, meter, space, scfg, folder, progress=progress,
+            result = search_from_settings(model, meter, sp, scfg, folder, progress=progress,
                                           teacher_cache=base, costs=costs, model_fingerprint=fingerprint).run()
-            label = f"Flexiffusion [{metric}]" if family == "flexiffusion" else "AutoDiffusion-style [fid]"
+            label = f"Flexiffusion [{metric}]" if family == "flexiffusion" else f"AutoDiffusion-style [{scfg.metric}]"
             name = f"{label} ≤1/{1 / budget:g} ({result.best.describe().split(' (')[0]})"
             found.append((family, replace(result.best, name=name)))
             seconds[name] = result.seconds
@@ -110,7 +129,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     guided = cfg.guidance != 1.0
-    costs = measure_step_costs(model.unet, guidance=guided)
+    costs = measure_step_costs(model.unet, guidance=guided, cross_attention_len=model.cross_attention_len)
     fp = _model_fingerprint(model)  # once: the searches, the mixtures' folders and the cache keys all use it
     searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress, fingerprint=fp)
     methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress, fingerprint=fp)
@@ -119,7 +138,9 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     for m in methods:
         if m.model not in models:
             other = load_model(m.model)
-            models[m.model] = (other, measure_step_costs(other.unet, guidance=guided), _model_fingerprint(other))
+            models[m.model] = (other, measure_step_costs(other.unet, guidance=guided,
+                                                         cross_attention_len=model.cross_attention_len),
+                               _model_fingerprint(other))
         m.schedule.check_fits(len(models[m.model][1].partial))
         key = (models[m.model][2], m.schedule.key())  # sampler, timesteps and steps: what runs
         if key not in seen:  # e.g. a baseline that came out the same at two budgets: one row
@@ -128,7 +149,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     methods = unique
     c = model.unet.config
     noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
-    cond = class_conditioning(model.unet, cfg.labels, cfg.samples, cfg.guidance)
+    cond = model_conditioning(model, cfg.samples, cfg.labels, cfg.prompts, cfg.negative_prompt, cfg.guidance)
 
     task = progress.add_task("bench", total=len(methods)) if progress else None
     runs = []
@@ -141,21 +162,26 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
         else:
             r = sample(m_model.unet, m_model.scheduler_config, m.schedule, noise, cfg.batch_size,
                        cond=cond, progress=progress, description=m.name)
-            images, seconds, resumed = r.images, r.seconds, False
+            # scored as the images a user sees (a latent model: decoded; the decoder's time is not the method's)
+            images, seconds, resumed = model.decode(r.images), r.seconds, False
             save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds)})
         runs.append((m, images, seconds, resumed))
         if task is not None:
             progress.update(task, advance=1)
 
+    relative = isinstance(meter, PixelMeter)
     feats_by_name = {}
-    teacher_feats = meter.features(runs[0][1])
+    teacher_feats = None if relative else meter.features(runs[0][1])
     teacher_macs = costs.schedule_macs(runs[0][0].schedule)
     teacher_sec = runs[0][2]
     rows = []
     for m, images, seconds, resumed in runs:
-        feats = teacher_feats if m.family == "teacher" else meter.features(images)
-        feats_by_name[m.name] = feats
-        metrics = meter.report(feats, None if m.family == "teacher" else teacher_feats)
+        if relative:  # no real data: how close each sample is to the teacher's, same noise and prompt
+            metrics = {} if m.family == "teacher" else paired_report(images, runs[0][1])
+        else:
+            feats = teacher_feats if m.family == "teacher" else meter.features(images)
+            feats_by_name[m.name] = feats
+            metrics = meter.report(feats, None if m.family == "teacher" else teacher_feats)
         macs = models[m.model][1].schedule_macs(m.schedule)
         rows.append(dict(
             method=m.name, family=m.family, schedule=m.schedule.to_dict(), model=m.model,
@@ -167,7 +193,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
         ))
     result = dict(
         config=asdict(cfg), model=str(model.path), model_fingerprint=fp,
-        mixture_vs_baselines=mixture_comparisons(runs, feats_by_name, meter),
+        mixture_vs_baselines=[] if relative else mixture_comparisons(runs, feats_by_name, meter),
         feature_space=meter.name, headline=meter.headline, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
         rows=rows,
     )

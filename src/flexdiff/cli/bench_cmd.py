@@ -12,13 +12,18 @@ from .app import (
     GuidanceOpt,
     LabelsOpt,
     ModelOpt,
+    NegativeOpt,
+    PromptOpt,
+    PromptsOpt,
     app,
     check_schedule,
+    conditioning_from_options,
     console,
     labels_from_options,
     parse_floats,
     parse_ints,
     progress_bar,
+    prompts_from_options,
     set_threads,
     user_errors,
 )
@@ -49,11 +54,14 @@ def bench(
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
+    prompt: Optional[list[str]] = PromptOpt,
+    prompts: Optional[Path] = PromptsOpt,
+    negative_prompt: Optional[str] = NegativeOpt,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Run the teacher and the peers side by side on the same noise; write a table, a plot and sample grids."""
     from ..bench import config_from_options, markdown_table, run_bench
-    from ..metrics import QualityMeter
+    from ..metrics import meter_for
     from ..models import load_model
     from ..outputs import check_folder_target, run_folder
     from ..schedule import Schedule
@@ -79,8 +87,12 @@ def bench(
     for path in mixture:
         if str(path) != "default":
             load_model(path)  # a broken mixture folder is refused now, not after the searches
-    cfg = replace(cfg, labels=labels_from_options(loaded, labels, guidance), guidance=guidance)
-    meter = QualityMeter.for_loaded(loaded, inception_weights, real_data)
+    texts = prompts_from_options(prompt, prompts)
+    if texts is not None or negative_prompt is not None:
+        conditioning_from_options(loaded, None, None, guidance, 1, texts, negative_prompt)  # checked before any work
+    cfg = replace(cfg, labels=labels_from_options(loaded, labels, guidance), guidance=guidance,
+                  prompts=tuple(texts or ()), negative_prompt=negative_prompt)
+    meter = meter_for(loaded, inception_weights, real_data)
     with run_folder(out), progress_bar() as progress:
         result = run_bench(loaded, cfg, out, meter, extra, progress=progress)
     console.print(markdown_table(result), highlight=False, soft_wrap=True, markup=False)
