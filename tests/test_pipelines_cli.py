@@ -109,3 +109,23 @@ def test_bench_tiny_preset_on_any_model(pipelines, kind, tmp_path):
     assert any(r["family"] == "flexiffusion" for r in result["rows"])
     assert "PSNR to teacher" in (tmp_path / "b" / "bench.md").read_text()
     assert (tmp_path / "b" / "bench.png").stat().st_size > 0 and (tmp_path / "b" / "samples.png").stat().st_size > 0
+
+
+def test_experts_on_a_latent_model_train_on_latents_and_decode(pipelines, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(data / f"{i}.png")
+    code, out = run("experts", "--model", pipelines["ldm"], "--data", data, "--out", tmp_path / "exp", "--k", 2,
+                    "--elastic-steps", 2, "--agent-steps", 2, "--final-steps", 2, "--batch-size", 4, "--budget", 0.7,
+                    "--threads", 1)
+    assert code == 0, out
+    code, out = run("sample", "--model", tmp_path / "exp" / "budget-0.7" / "mixture", "--n", 2, "--steps", 4,
+                    "--out", tmp_path / "m.png", "--save-tensors", tmp_path / "m.safetensors")
+    assert code == 0, out
+    saved = load_file(tmp_path / "m.safetensors")  # the mixture's latents go through the LDM's VQ-VAE
+    assert tuple(saved["images"].shape) == (2, 3, 16, 16) and tuple(saved["latents"].shape) == (2, 3, 8, 8)

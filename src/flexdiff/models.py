@@ -99,8 +99,15 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     if not path.is_dir():
         raise FlexdiffError(f"--model {path}: expected a diffusers model folder, got a file")
     if is_mixture_folder(path):  # a mixture of experts folder (flexdiff experts): one UNet per timestep interval
-        mixture, _ = load_mixture(path)
-        return LoadedModel(unet=mixture, scheduler_config=mixture.scheduler_config, path=path)
+        mixture, man = load_mixture(path)
+        parts = None
+        decoder_from = man.get("pipeline")  # pruned from a latent pipeline: decode with that pipeline's decoder
+        if decoder_from:
+            if not needs_parts(pipeline_index(Path(decoder_from))):
+                raise FlexdiffError(f"{path}/mixture.json: its latents decode with the pipeline at {decoder_from}, "
+                                    "which is missing or holds no decoder")
+            parts = PipelineParts.load(Path(decoder_from), mixture.experts[0])
+        return LoadedModel(unet=mixture, scheduler_config=mixture.scheduler_config, path=path, parts=parts)
     unet_dir, sched_file = path, path / "scheduler_config.json"
     if (path / "model_index.json").exists():
         unet_dir = path / "unet"

@@ -95,6 +95,22 @@ class PipelineParts:
         out = [d.decode(z[i:i + batch_size].to(device)).sample.float().cpu() for i in range(0, len(z), batch_size)]
         return torch.cat(out).clamp(-1, 1)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Images in [-1, 1] to the latents the UNet was trained on (the decoder's mean, times its scaling factor)."""
+        d = self.decoder
+        cfg = d.config
+        out = []
+        for i in range(0, len(images), batch_size):
+            enc = d.encode(images[i:i + batch_size].to(next(d.parameters()).device))
+            z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents
+            out.append(z.float().cpu())
+        z = torch.cat(out)
+        shift = getattr(cfg, "shift_factor", None)
+        if shift is not None:
+            z = z - float(shift)
+        return z * float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+
     # ---- prompts -> conditioning
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], n: int, negative: str | None = None, guidance: float = 1.0):

@@ -251,6 +251,8 @@ def training_images_from_option(data: Optional[Path], loaded):
         return None  # the pipeline uses the digits for the default model, and refuses other models
     from ..data import load_image_folder
 
+    if loaded.is_latent:  # a latent model trains on its decoder's latents of the images, not on resized pixels
+        c, size, _ = loaded.image_shape
+        return loaded.parts.encode(load_image_folder(data, size, c))
     c = loaded.unet.config
-    images = load_image_folder(data, c.sample_size, c.in_channels)
-    return images
+    return load_image_folder(data, c.sample_size, c.in_channels)
