@@ -91,3 +91,16 @@ def test_detach_restores_the_schedulers_own_set_timesteps(unet):
     assert "set_timesteps" in vars(scheduler)
     engine.detach()
     assert "set_timesteps" not in vars(scheduler)
+
+
+def test_a_schedule_with_its_own_timesteps_refuses_a_pipeline_that_spaces_them_itself(unet):
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = Schedule("dpmsolver++", Schedule.full("dpmsolver++", 4).steps, timesteps=(999, 700, 400, 100))
+    scheduler = DPMSolverMultistepScheduler.from_config(DEFAULT_SCHEDULER_CONFIG)
+    with apply_schedule(SimpleNamespace(unet=unet, scheduler=scheduler), sched):
+        scheduler.set_timesteps(4)  # the pipeline's own spacing, not the schedule's
+        with pytest.raises(FlexdiffError, match="timesteps=list"):
+            unet(torch.zeros(1, 1, 16, 16), scheduler.timesteps[0])
+        scheduler.set_timesteps(timesteps=[999, 700, 400, 100])
+        assert unet(torch.zeros(1, 1, 16, 16), scheduler.timesteps[0]).sample.shape == (1, 1, 16, 16)

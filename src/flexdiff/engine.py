@@ -151,6 +151,11 @@ class StepEngine:
                 f"the schedule has {want.num_steps} steps but the pipeline runs {n}: "
                 f"call it with num_inference_steps={want.num_steps}"
             )
+        if want.timesteps is not None and [int(t) for t in timesteps] != list(want.timesteps):
+            raise FlexdiffError(
+                f"the schedule runs its own timesteps {list(want.timesteps)} but the pipeline's scheduler has "
+                f"{[int(t) for t in timesteps]}: call the pipeline with timesteps=list(schedule.timesteps)"
+            )
 
     def reset(self) -> None:
         """Start a new sampling run: no step taken yet, cache emptied."""
