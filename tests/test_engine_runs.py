@@ -104,3 +104,30 @@ def test_a_schedule_with_its_own_timesteps_refuses_a_pipeline_that_spaces_them_i
             unet(torch.zeros(1, 1, 16, 16), scheduler.timesteps[0])
         scheduler.set_timesteps(timesteps=[999, 700, 400, 100])
         assert unet(torch.zeros(1, 1, 16, 16), scheduler.timesteps[0]).sample.shape == (1, 1, 16, 16)
+
+
+def test_stable_diffusion_img2img_through_the_real_pipeline(tmp_path):
+    """diffusers' own img2img pipeline at strength 0.5: an all-full schedule is the plain pipeline, and a
+    DeepCache schedule gives the same images on a second call (no state carried between calls)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    import tiny_pipelines
+    from flexdiff.samplers import make_scheduler
+
+    folder = tiny_pipelines.stable_diffusion(tmp_path / "sd")
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.scheduler = make_scheduler("ddim", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16)
+
+    def call():
+        return pipe("a cat", image=image, strength=0.5, num_inference_steps=N, guidance_scale=3.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = call()
+    with apply_schedule(pipe, Schedule.full("ddim", N)):
+        assert torch.allclose(call(), plain, atol=1e-6)
+    with apply_schedule(pipe, DEEPCACHE) as engine:
+        first, second = call(), call()
+        assert engine.calls == {"full": 2 * 3, "partial": 2 * 2, "null": 0}  # steps 5(P->F) 6(F) 7(P) 8(P) 9(F)
+    assert torch.equal(first, second)

@@ -20,11 +20,12 @@ def pipelines(tmp_path_factory):
 @pytest.mark.parametrize("kind", list(tiny_pipelines.BUILDERS))
 def test_sample_writes_decoded_images(pipelines, kind, tmp_path):
     code, out = run("sample", "--model", pipelines[kind], "--n", 3, "--steps", 4, "--deepcache", 2,
-                    "--out", tmp_path / "grid.png", "--save-tensors", tmp_path / "s.safetensors", "--threads", 1)
+                    "--out", tmp_path / "grid.png", "--save-tensors", tmp_path / "s.safetensors", "--threads", 1,
+                    *tiny_pipelines.CONDITION[kind])
     assert code == 0, out
     saved = load_file(tmp_path / "s.safetensors")
     assert tuple(saved["images"].shape) == (3, *tiny_pipelines.IMAGE[kind])
-    if kind != "ddpm":  # a latent model: the raw latents are kept beside the decoded images
+    if kind not in ("ddpm", "classcond"):  # a latent model: the raw latents are kept beside the decoded images
         assert saved["latents"].shape[-1] == 8 and saved["images"].abs().max() <= 1
     assert (tmp_path / "grid.png").stat().st_size > 0
 
@@ -72,7 +73,7 @@ def test_sdxl_refuses_a_cond_file_without_added_conditions(pipelines, tmp_path):
 def test_evaluate_and_search_need_no_real_data(pipelines, kind, tmp_path):
     import json
 
-    text = ("--prompt", "a cat", "--prompt", "a dog", "--guidance", 2) if kind in ("sd", "sdxl") else ()
+    text = tiny_pipelines.CONDITION[kind]
     code, out = run("evaluate", "--model", pipelines[kind], "--samples", 4, "--deepcache", 2, "--steps", 10,
                     "--teacher-steps", 10, "--out", tmp_path / "e.json", "--threads", 1, *text)
     assert code == 0, out
@@ -96,7 +97,7 @@ def test_search_without_real_data_refuses_a_real_data_metric(pipelines, tmp_path
 def test_bench_tiny_preset_on_any_model(pipelines, kind, tmp_path):
     import json
 
-    text = ("--prompt", "a cat", "--guidance", 2) if kind in ("sd", "sdxl") else ()
+    text = tiny_pipelines.CONDITION[kind]
     code, out = run("bench", "--model", pipelines[kind], "--out", tmp_path / "b", "--samples", 4, "--teacher-steps", 6,
                     "--ddim-steps", "3", "--dpm-steps", "3", "--deepcache", "2", "--deepcache-branches", "0",
                     "--search-budgets", "0.5", "--search-generations", 1, "--search-population", 2,

@@ -105,5 +105,20 @@ def ddpm_rgb(folder: Path) -> Path:
     return folder
 
 
-BUILDERS = dict(sd=stable_diffusion, sdxl=sdxl, ldm=ldm, ddpm=ddpm_rgb)
-IMAGE = dict(sd=(3, 16, 16), sdxl=(3, 16, 16), ldm=(3, 16, 16), ddpm=(3, 32, 32))
+def class_conditional(folder: Path) -> Path:
+    """A class-conditional UNet2DModel (4 classes + the null label), 3x32x32, as a UNet folder."""
+    from flexdiff.models import save_model
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"), num_class_embeds=5,
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4).eval()
+    return save_model(unet, {**DEFAULT_SCHEDULER_CONFIG, "clip_sample": False}, folder)
+
+
+BUILDERS = dict(sd=stable_diffusion, sdxl=sdxl, ldm=ldm, ddpm=ddpm_rgb, classcond=class_conditional)
+IMAGE = dict(sd=(3, 16, 16), sdxl=(3, 16, 16), ldm=(3, 16, 16), ddpm=(3, 32, 32), classcond=(3, 32, 32))
+# what each kind is conditioned on in the CLI tests
+CONDITION = dict(sd=("--prompt", "a cat", "--prompt", "a dog", "--guidance", 2),
+                 sdxl=("--prompt", "a cat", "--prompt", "a dog", "--guidance", 2),
+                 classcond=("--labels", "0,3", "--guidance", 2), ldm=(), ddpm=())
