@@ -103,3 +103,11 @@ def test_bench_searches_of_another_model_in_the_same_folder_are_its_own(tiny_mod
     assert folders == sorted([weights_fingerprint(a.unet), weights_fingerprint(b.unet)])
     for fp in folders:
         assert list((tmp_path / "bench" / "searches" / fp).glob("teacher-*.safetensors"))
+
+
+def test_unipc_rows_join_the_catalogue_when_asked():
+    from flexdiff.bench.methods import BenchConfig
+
+    names = [m.name for m in BenchConfig(unipc_steps=(5, 10)).methods()]
+    assert "UniPC-5" in names and "UniPC-10" in names
+    assert not any(m.name.startswith("UniPC") for m in BenchConfig().methods())

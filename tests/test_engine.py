@@ -65,7 +65,7 @@ def _plain_loop(unet, sampler, steps, noise, sched_cfg, ehs=None, guidance=1.0):
     return x
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "unipc"])
 def test_all_full_matches_plain_loop_every_sampler(unet, sched_cfg, sampler):
     noise = _noise((2, 1, 16, 16))
     ref = _plain_loop(unet, sampler, 9, noise, sched_cfg)

@@ -195,7 +195,7 @@ def test_broken_mixture_folders_are_named(tmp_path, sched_cfg):
         load_mixture(tmp_path / "mix")
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "unipc"])
 def test_mixture_in_the_step_engine_equals_routing_by_hand(sched_cfg, sampler):
     mix, _ = _tiny_mixture(sched_cfg)
     noise = initial_noise(2, (1, 16, 16), 0)

@@ -11,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
 from .errors import FlexdiffError
 
 if TYPE_CHECKING:  # schedule.py imports SAMPLERS from here
     from .schedule import Schedule
 
-SAMPLERS = ("ddim", "dpmsolver++", "euler")
+SAMPLERS = ("ddim", "dpmsolver++", "euler", "unipc")
 
 # The diffusers scheduler class behind each sampler name, and the settings flexdiff gives it on
 # top of the model's scheduler config.
@@ -26,11 +26,13 @@ SCHEDULER_CLASSES = {
     "ddim": DDIMScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,  # UniPC (Zhao et al. 2023): a stronger few-step peer
 }
 SCHEDULER_OPTIONS = {
     "ddim": dict(timestep_spacing="trailing", clip_sample=False),
     "dpmsolver++": dict(algorithm_type="dpmsolver++", solver_order=2),
     "euler": {},
+    "unipc": dict(solver_order=2, predict_x0=True, solver_type="bh2"),
 }
 
 # The noise schedule the default model is trained with (DDPM, linear betas, 1,000 steps).

@@ -31,6 +31,7 @@ class BenchConfig(Config):
     negative_prompt: str | None = None
     ddim_steps: tuple[int, ...] = (5, 10, 20, 50)
     dpm_steps: tuple[int, ...] = (5, 10, 20)
+    unipc_steps: tuple[int, ...] = ()
     deepcache_intervals: tuple[int, ...] = (2, 3, 5)
     deepcache_branches: tuple[int, ...] = (0, 2)
     deepcache_nonuniform: tuple[int, ...] = (3, 5)  # intervals of non-uniform DeepCache (branch 0)
@@ -54,6 +55,7 @@ class BenchConfig(Config):
         out = [Method(f"teacher DDIM-{t}", "teacher", Schedule.full("ddim", t))]
         out += [Method(f"DDIM-{s}", "ddim", Schedule.full("ddim", s)) for s in self.ddim_steps]
         out += [Method(f"DPM-Solver++-{s}", "dpmsolver++", Schedule.full("dpmsolver++", s)) for s in self.dpm_steps]
+        out += [Method(f"UniPC-{s}", "unipc", Schedule.full("unipc", s)) for s in self.unipc_steps]
         out += [
             Method(f"DeepCache 1:{n} b{b} (DDIM-{t})", "deepcache", Schedule.deepcache("ddim", t, n, b))
             for b in self.deepcache_branches for n in self.deepcache_intervals

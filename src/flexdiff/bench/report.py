@@ -13,6 +13,7 @@ FAMILY_STYLE = {  # colour, marker
     "teacher": ("black", "*"),
     "ddim": ("tab:blue", "o"),
     "dpmsolver++": ("tab:orange", "s"),
+    "unipc": ("goldenrod", "<"),
     "deepcache": ("tab:green", "^"),
     "deepcache-nu": ("tab:olive", "v"),
     "autodiffusion": ("tab:purple", "P"),
