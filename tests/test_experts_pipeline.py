@@ -91,3 +91,32 @@ def test_stage_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
     other = load_model(save_model(tiny_unet(seed=3), {"num_train_timesteps": 1000}, tmp_path / "other"))
     with pytest.raises(FlexdiffError, match="built from another model"):
         ExpertsPipeline(other, tmp_path / "exp", ExpertsConfig(**small)).run(("intervals",))
+
+
+def test_a_latency_budget_is_met_in_measured_latency_and_resumes(tiny_model_dir, tmp_path):
+    from flexdiff.experts.elastic import ElasticUNet
+
+    # a loose budget: on a CPU at small batches a narrower network saves less time than MACs
+    cfg = ExpertsConfig(**{**SMALL, "budget_kind": "latency", "latency_batch": 4, "budget": 0.95})
+    model = load_model(tiny_model_dir)
+    pipe = ExpertsPipeline(model, tmp_path / "exp", cfg)
+    choice = pipe.agent()
+    tables = list((tmp_path / "exp" / "latency").glob("*.json"))
+    assert len(tables) == 1  # measured once on this machine, kept
+    table = json.loads(tables[0].read_text())
+    full = pipe.spec_latency(ElasticUNet(model.unet), ElasticUNet(model.unet).full)
+    served = pipe.served(pipe.intervals())
+    run = sum(table[json.dumps(e["spec"], sort_keys=True)] * n for e, n in zip(choice["experts"], served))
+    assert run <= cfg.budget * full * sum(served) * (1 + 1e-9)  # the budget holds in the latency it counted
+    assert choice["fraction_of_teacher"] <= cfg.budget + 1e-9
+    settings = json.loads((tmp_path / "exp" / "budget-0.95" / "agent" / "settings.json").read_text())
+    assert settings["budget_kind"] == "latency"
+    again = ExpertsPipeline(model, tmp_path / "exp", cfg)
+    assert again.agent() == choice and len(json.loads(tables[0].read_text())) == len(table)  # nothing re-measured
+    with pytest.raises(FlexdiffError, match="other settings"):  # a MACs budget does not resume a latency agent
+        ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**{**SMALL, "budget": 0.95})).agent()
+
+
+def test_an_unknown_budget_kind_is_refused():
+    with pytest.raises(FlexdiffError, match="--budget-kind 'watts'"):
+        ExpertsConfig(budget_kind="watts")

@@ -59,6 +59,28 @@ def _example_inputs(unet, cross_attention_len: int = 77):
 
 
 @torch.no_grad()
+def measure_latency(unet, batch: int = 250, repeats: int = 5, cross_attention_len: int = 77) -> float:
+    """Seconds per image of one forward at `batch` on this machine (median of `repeats`, after a warm-up)."""
+    import time
+
+    x, t, kwargs = _example_inputs(unet, cross_attention_len)
+
+    def widen(v):
+        if isinstance(v, dict):
+            return {k: widen(a) for k, a in v.items()}
+        return v.expand(batch, *v.shape[1:]).contiguous()
+
+    x, t, kwargs = widen(x), widen(t), widen(kwargs)
+    unet(x, t, **kwargs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        unet(x, t, **kwargs)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] / batch
+
+
+@torch.no_grad()
 def count_macs(unet) -> float:
     """MACs of one full forward of `unet` for one image."""
     x, t, kwargs = _example_inputs(unet)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .conditioning import Conditioning
 from .errors import FlexdiffError
 from .io import read_json_object
 
@@ -116,8 +117,6 @@ class PipelineParts:
     def encode_prompts(self, prompts: list[str], n: int, negative: str | None = None, guidance: float = 1.0):
         """Conditioning of n samples, row i with prompts[i % len(prompts)]; the unconditional branch is
         what the pipeline makes of `negative` (None: its own choice, the empty prompt or zeros for SDXL)."""
-        from .sampling import Conditioning
-
         if not self.has_text:
             raise FlexdiffError("--prompt: this pipeline has no text encoder")
         if not prompts:

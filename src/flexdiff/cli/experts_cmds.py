@@ -64,7 +64,9 @@ def experts_cmd(
     out: Path = typer.Option(..., "--out", help="Pipeline folder: every stage writes (and resumes) under it."),
     model: Optional[Path] = ModelOpt,
     data: Optional[Path] = typer.Option(None, "--data", help="Training images (default: the digits, for the default model)."),
-    budget: float = typer.Option(0.5, help="MACs of the whole sampling run, as a fraction of the teacher's."),
+    budget: float = typer.Option(0.5, help="Cost of the whole sampling run, as a fraction of the teacher's (see --budget-kind)."),
+    budget_kind: str = typer.Option("macs", "--budget-kind", help="What the budget counts: macs, or latency (each sub-network's forward timed once on this machine at --latency-batch; the wall-clock follows the budget)."),
+    latency_batch: int = typer.Option(250, "--latency-batch", min=1, help="Batch size the latency table is measured at (the bench's)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="Run only up to this stage: intervals, elastic, agent or final (each resumes)."),
     sampler: str = typer.Option("ddim", help="The sampling run the budget is counted on."),
     steps: int = typer.Option(100, "--steps", min=1, help="Steps of that sampling run."),
@@ -98,7 +100,8 @@ def experts_cmd(
     if stage is not None and stage not in STAGES:
         raise FlexdiffError(f"--stage {stage!r}; accepted: {', '.join(STAGES)}")
     cfg = ExpertsConfig(budget=budget, sampler=sampler, num_steps=steps, k=k, elastic_steps=elastic_steps,
-                        agent_steps=agent_steps, final_steps=final_steps, batch_size=batch_size, seed=seed)
+                        agent_steps=agent_steps, final_steps=final_steps, batch_size=batch_size, seed=seed,
+                        budget_kind=budget_kind, latency_batch=latency_batch)
     loaded = load_model(model)
     images = training_images_from_option(data, loaded)
     t0 = time.perf_counter()

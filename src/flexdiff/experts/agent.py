@@ -67,7 +67,8 @@ class SpecSpace:
         grid = np.zeros(self.shape or (1,))
         for idx in self.indices():
             grid[idx if idx else 0] = macs_of(self.spec(idx))
-        self.macs = torch.tensor(grid, dtype=torch.float64)
+        self.macs = torch.tensor(grid, dtype=torch.float64)  # the cost grid: MACs, or measured latency
+        self.full_cost = float(macs_of(self.full))  # the unpruned network's, the budget's unit
 
     def indices(self) -> list[tuple[int, ...]]:
         """Every spec as a tuple of choice indices, one per factor (() when nothing can be cut)."""
@@ -150,15 +151,15 @@ def choose_within_budget(logps: list[np.ndarray], macs: list[np.ndarray], budget
     return max(front, key=lambda x: x[1])[2]
 
 
-def check_budget(space: SpecSpace, served: list[int], budget: float, teacher_macs: float) -> None:
+def check_budget(space: SpecSpace, served: list[int], budget: float, teacher_macs: float, kind: str = "MACs") -> None:
     """A budget the smallest experts cannot meet is refused before any training."""
     if not 0 < budget <= 1:
-        raise FlexdiffError(f"--budget {budget}: give a fraction of the teacher's MACs in (0, 1]")
+        raise FlexdiffError(f"--budget {budget}: give a fraction of the teacher's cost in (0, 1]")
     smallest = float(space.macs.min()) * sum(served)
     if smallest > budget * teacher_macs * (1 + 1e-9):
         raise FlexdiffError(
             f"--budget {budget}: cannot be met; the smallest sub-networks still need "
-            f"{smallest / teacher_macs:.3f} of the teacher's MACs (cut stage 0 and cross-attention stages are "
+            f"{smallest / teacher_macs:.3f} of the teacher's cost in {kind} (cut stage 0 and cross-attention stages are "
             "kept whole). Raise --budget, or combine the mixture with a schedule of partial/null steps"
         )
 
@@ -168,7 +169,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
     """Train the agent, choose the specs, write `choice.json` and `agent.png`; resumable via `agent.pt`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher_run = float(space.macs.max()) * sum(served)
+    teacher_run = space.full_cost * sum(served)
     check_budget(space, served, budget, teacher_run)
     target = budget * teacher_run
     weights = torch.tensor(served, dtype=torch.float64)
@@ -241,7 +242,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
     picks = choose_within_budget(logps, [calls_all * n for n in served], target)
     calls = [float(calls_all[k]) for k in picks]
     total = sum(c * n for c, n in zip(calls, served))
-    full_call = float(space.macs.max())
+    full_call = space.full_cost
     experts = [dict(spec=space.spec(idx_all[k]).to_dict(), macs_per_call=c, fraction_of_full=c / full_call,
                     steps_served=n, share_of_run=c * n / total, probability=float(math.exp(logps[e][k])))
                for e, (k, c, n) in enumerate(zip(picks, calls, served))]

@@ -13,13 +13,12 @@ beside its results and refuses to resume with other settings.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from ..configs import Config
-from ..cost import count_macs
+from ..cost import count_macs, measure_latency
 from ..errors import FlexdiffError
 from ..fingerprints import data_fingerprint, weights_fingerprint
 from ..io import load_weights, read_json, save_safetensors, write_json
@@ -27,82 +26,13 @@ from ..mixture import Intervals, is_mixture, save_mixture
 from ..models import LoadedModel
 from ..parallel import SERIAL, Workers, run_tasks
 from ..samplers import sampler_timesteps
-from ..schedule import SAMPLERS, Schedule
+from ..schedule import Schedule
 from .agent import AgentConfig, SpecSpace, check_budget, train_agent
+from .config import BUDGET_KINDS, STAGES, ExpertsConfig, guard  # noqa: F401 (re-exported: callers import them here)
 from .elastic import ElasticUNet, SubnetSpec
 from .finetune import IntervalBatches, TuneConfig
-from .intervals import MEASURES, find_intervals, similarity_images
+from .intervals import find_intervals, similarity_images
 from .jobs import tune_elastic_job, tune_static_job
-
-STAGES = ("intervals", "elastic", "agent", "final")
-
-
-@dataclass(frozen=True)
-class ExpertsConfig(Config):
-    budget: float = 0.5  # fraction of the teacher's MACs for the whole sampling run
-    sampler: str = "ddim"  # the sampling run the budget is counted on (steps served per expert)
-    num_steps: int = 100
-    k: int | None = None  # number of intervals; None = the knee rule
-    k_max: int = 5
-    measure: str = "mean"
-    sim_timesteps: int = 20
-    sim_images: int = 128
-    importance_batches: int = 8
-    elastic_steps: int = 200
-    agent_steps: int = 150
-    final_steps: int = 400
-    batch_size: int = 64
-    lr: float = 5e-4
-    distill: float = 1.0
-    seed: int = 0
-
-    def check(self) -> None:
-        if not 0 < self.budget <= 1:
-            raise FlexdiffError(f"--budget {self.budget}: give a fraction of the teacher's MACs in (0, 1]")
-        if self.sampler not in SAMPLERS:
-            raise FlexdiffError(f"--sampler {self.sampler!r}; accepted: {', '.join(SAMPLERS)}")
-        if self.measure not in MEASURES:
-            raise FlexdiffError(f"--measure {self.measure!r}; accepted: {', '.join(MEASURES)}")
-        for f in ("num_steps", "elastic_steps", "agent_steps", "final_steps", "batch_size", "sim_timesteps",
-                  "sim_images", "importance_batches", "k_max"):
-            if getattr(self, f) < 1:
-                raise FlexdiffError(f"--{f.replace('_', '-')} {getattr(self, f)}: must be at least 1")
-        if self.k is not None and not 1 <= self.k <= self.sim_timesteps:
-            # checked before any stage writes its settings.json, so a refused --k leaves nothing behind
-            raise FlexdiffError(f"--k {self.k}: choose 1 to {self.sim_timesteps} intervals (the number of sampled "
-                                "timesteps)")
-
-    def stage_settings(self, stage: str) -> dict:
-        """The settings a stage's result depends on (including those of the stages before it)."""
-        keys = dict(
-            intervals=("k", "k_max", "measure", "sim_timesteps", "sim_images", "seed"),
-            elastic=("importance_batches", "elastic_steps", "batch_size", "lr", "distill"),
-            agent=("budget", "sampler", "num_steps", "agent_steps"),
-            final=("final_steps",),
-        )
-        out = {}
-        for s in STAGES[:STAGES.index(stage) + 1]:
-            out.update({k: getattr(self, k) for k in keys[s]})
-        return out
-
-
-def guard(folder: Path, settings: dict) -> None:
-    """Remember a stage's settings; refuse to resume a folder made with other ones."""
-    f = folder / "settings.json"
-    if f.exists():
-        old = read_json(f, "the stage's settings")
-        if not isinstance(old, dict):
-            raise FlexdiffError(f"{f}: damaged (not a JSON object); delete this stage's folder to start it again")
-        for what in ("model", "data"):
-            if what in settings and old.get(what) != settings[what]:
-                raise FlexdiffError(f"{f}: this stage was built from another {what} (fingerprint {old.get(what)}, "
-                                    f"now {settings[what]}); use another --out folder or delete this stage's folder")
-        if old != settings:
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            raise FlexdiffError(f"{f}: this stage was run with other settings {diff} (old, new); "
-                                "use another --out folder or delete this stage's folder")
-    else:
-        write_json(f, settings)
 
 
 def training_data(model: LoadedModel, images: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,8 +178,31 @@ class ExpertsPipeline:
             self._macs[spec] = count_macs(elastic.template(spec))
         return self._macs[spec]
 
+    def spec_latency(self, elastic: ElasticUNet, spec: SubnetSpec) -> float:
+        """Seconds per image of one call of a sub-network on this machine, measured once and kept in a table
+        (`out/latency/`, one per machine, thread count and batch)."""
+        import json
+        import platform
+
+        f = self.out / "latency" / (f"{platform.node() or 'host'}-{platform.machine()}-t{torch.get_num_threads()}"
+                                    f"-b{self.cfg.latency_batch}.json")
+        if not hasattr(self, "_latency"):
+            self._latency = read_json(f, "the latency table") if f.exists() else {}
+        key = json.dumps(spec.to_dict(), sort_keys=True)
+        if key not in self._latency:
+            self._latency[key] = measure_latency(elastic.template(spec), self.cfg.latency_batch)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            write_json(f, self._latency)
+        return self._latency[key]
+
+    def spec_cost(self, elastic: ElasticUNet, spec: SubnetSpec) -> float:
+        """What the budget counts for one call of a sub-network (--budget-kind)."""
+        if self.cfg.budget_kind == "latency":
+            return self.spec_latency(elastic, spec)
+        return self.spec_macs(elastic, spec)
+
     def spec_space(self, elastic: ElasticUNet) -> SpecSpace:
-        return SpecSpace(elastic, lambda spec: self.spec_macs(elastic, spec))
+        return SpecSpace(elastic, lambda spec: self.spec_cost(elastic, spec))
 
     # ---- stage 3
     def agent(self, budget: float | None = None) -> dict:
@@ -279,8 +232,9 @@ class ExpertsPipeline:
         budget = self.cfg.budget if budget is None else budget
         iv_file = self.out / "intervals" / "intervals.json"
         served = self.served(Intervals.load(iv_file)) if iv_file.exists() else [self.cfg.num_steps]
-        check_budget(self.spec_space(ElasticUNet(self.teacher)), served, budget,  # reads shapes only: no copy
-                     count_macs(self.teacher) * sum(served))
+        space = self.spec_space(ElasticUNet(self.teacher))  # reads shapes only: no copy
+        check_budget(space, served, budget, space.full_cost * sum(served),
+                     "latency on this machine" if self.cfg.budget_kind == "latency" else "MACs")
 
     # ---- stage 4
     def final(self, budget: float | None = None, specs: list[SubnetSpec] | None = None,
@@ -314,7 +268,7 @@ class ExpertsPipeline:
         teacher_call = count_macs(self.teacher)
         calls = [count_macs(m) for m in experts]
         run = sum(c * s for c, s in zip(calls, served))
-        info = dict(budget=budget, sampler=self.cfg.sampler, num_steps=self.cfg.num_steps, steps_served=served,
+        info = dict(budget=budget, budget_kind=self.cfg.budget_kind, sampler=self.cfg.sampler, num_steps=self.cfg.num_steps, steps_served=served,
                     macs_per_call=calls, teacher_macs_per_call=teacher_call,
                     fraction_of_teacher=run / (teacher_call * sum(served)), settings=asdict(cfg), **(info or {}))
         if self.model.is_latent:  # the experts make latents: the mixture decodes them with this pipeline's decoder
