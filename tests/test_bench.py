@@ -111,3 +111,20 @@ def test_unipc_rows_join_the_catalogue_when_asked():
     names = [m.name for m in BenchConfig(unipc_steps=(5, 10)).methods()]
     assert "UniPC-5" in names and "UniPC-10" in names
     assert not any(m.name.startswith("UniPC") for m in BenchConfig().methods())
+
+
+def test_a_schedule_searched_over_a_mixture_joins_as_a_composed_row(tiny_model_dir, tmp_path):
+    from dataclasses import replace
+
+    small = (("k", 2), ("sim_timesteps", 6), ("sim_images", 8), ("importance_batches", 1), ("elastic_steps", 1),
+             ("agent_steps", 1), ("final_steps", 1), ("batch_size", 4))
+    cfg = replace(CFG, search_budgets=(), ddim_steps=(), dpm_steps=(), deepcache_intervals=(), deepcache_branches=(),
+                  deepcache_nonuniform=(), expert_budgets=(0.8,), expert_settings=small, mixture_deepcache=0,
+                  composed_speedups=(3.0,), teacher_steps=12)
+    model = load_model(tiny_model_dir)
+    result = run_bench(model, cfg, tmp_path / "b", QualityMeter.for_model((1, 16, 16), n_boot=10))
+    rows = {r["family"]: r for r in result["rows"]}
+    composed = rows["experts+search"]
+    assert composed["model"] == rows["experts"]["model"]  # the schedule runs on the mixture
+    assert composed["speedup_macs"] >= 3 - 1e-6 and composed["search_seconds"] > 0  # against the original teacher
+    assert "+ Flexiffusion [distance] ≤1/3" in composed["method"]

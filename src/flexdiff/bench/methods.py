@@ -48,6 +48,9 @@ class BenchConfig(Config):
     mixtures: tuple[str, ...] = ()
     expert_budgets: tuple[float, ...] = ()
     mixture_deepcache: int = 3  # also run each mixture with DeepCache 1:N at branch 0 (0 = no)
+    # composed: a Flexiffusion schedule searched over each mixture, at these speed-ups against the original
+    # teacher's MACs (the search's own teacher is the mixture's DDIM run)
+    composed_speedups: tuple[float, ...] = ()
     expert_settings: tuple[tuple[str, object], ...] = ()  # ExpertsConfig fields to change, as (name, value)
 
     def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = ()) -> list[Method]:
@@ -88,4 +91,7 @@ def config_from_options(preset: str, **overrides) -> BenchConfig:
         if any(not 0 < b <= 1 for b in overrides.get(name) or ()):
             raise FlexdiffError(f"--{name.replace('_', '-')} {','.join(map(str, overrides[name]))}: each must be a "
                                 "fraction in (0, 1]")
+    if any(v <= 1 for v in overrides.get("composed_speedups") or ()):
+        raise FlexdiffError(f"--composed {','.join(map(str, overrides['composed_speedups']))}: each is a speed-up "
+                            "against the teacher's MACs, above 1 (e.g. 20)")
     return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

@@ -21,6 +21,7 @@ FAMILY_STYLE = {  # colour, marker
     "schedule": ("tab:brown", "X"),
     "experts": ("tab:cyan", "h"),
     "experts+schedule": ("teal", "d"),
+    "experts+search": ("darkred", "*"),
     "experts-uniform": ("tab:pink", "p"),
     "diff-pruning": ("tab:gray", "8"),
 }

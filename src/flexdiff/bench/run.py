@@ -121,6 +121,43 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
     return out
 
 
+def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter, mixtures: list[Method],
+                     teacher_macs: float, progress=None) -> tuple[list[Method], dict[str, float]]:
+    """Flexiffusion over each mixture: a schedule searched with the mixture as the model (its own DDIM run is
+    the search's teacher), at `cfg.composed_speedups` against the original teacher's MACs."""
+    from ..anatomy import num_branches
+    from ..cost import measure_step_costs
+    from ..models import load_model
+    from ..samplers import num_train_timesteps
+    from ..search import SearchConfig, search_from_settings
+    from ..search.space import make_space
+
+    out, seconds = [], {}
+    for m in mixtures:
+        mix = load_model(m.model)
+        costs = measure_step_costs(mix.unet, guidance=cfg.guidance != 1.0, cross_attention_len=model.cross_attention_len)
+        own = costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps))
+        fp = _model_fingerprint(mix)
+        for speedup in cfg.composed_speedups:
+            budget = teacher_macs / (speedup * own)  # a fraction of the mixture's own run
+            if budget >= 1:
+                continue  # the mixture alone is already that cheap
+            space = make_space("segment", "dpmsolver++", num_train_timesteps(mix.scheduler_config),
+                               num_branches(mix.unet))
+            scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
+                                eval_samples=cfg.search_eval_samples, metric="distance", seed=cfg.seed,
+                                teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance,
+                                prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
+            base = out_dir / "searches" / f"{fp}{_conditioning_tag(cfg)}"
+            result = search_from_settings(mix, meter, space, scfg, base / f"composed-{speedup:g}x", progress=progress,
+                                          teacher_cache=base, costs=costs, model_fingerprint=fp).run()
+            label = m.name.split(" (DDIM")[0]
+            name = f"{label} + Flexiffusion [distance] ≤1/{speedup:g} ({result.best.describe().split(' (')[0]})"
+            out.append(Method(name, "experts+search", replace(result.best, name=name), m.model))
+            seconds[name] = result.seconds
+    return out, seconds
+
+
 def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter,
               extra: tuple[Schedule, ...] = (), progress=None) -> dict:
     from ..models import load_model
@@ -132,7 +169,11 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     costs = measure_step_costs(model.unet, guidance=guided, cross_attention_len=model.cross_attention_len)
     fp = _model_fingerprint(model)  # once: the searches, the mixtures' folders and the cache keys all use it
     searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress, fingerprint=fp)
-    methods = cfg.methods(extra, searched) + mixture_methods(model, cfg, out_dir, progress, fingerprint=fp)
+    mixtures = mixture_methods(model, cfg, out_dir, progress, fingerprint=fp)
+    composed, composed_seconds = composed_methods(model, cfg, out_dir, meter, [m for m in mixtures if m.family == "experts"],
+                                                  costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps)), progress)
+    search_seconds.update(composed_seconds)
+    methods = cfg.methods(extra, searched) + mixtures + composed
     models = {None: (model, costs, fp)}
     unique, seen = [], set()
     for m in methods:
