@@ -160,3 +160,34 @@ def test_parallel_experts_give_bit_identical_weights(local_ray, one_thread, tmp_
     for ea, eb in zip(ms.unet.experts, mp.unet.experts):
         sa, sb = ea.state_dict(), eb.state_dict()
         assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+def test_a_killed_parallel_driver_resumes_to_the_serial_result(local_ray, one_thread, tiny_model_dir, tmp_path):
+    from flexdiff.anatomy import num_branches
+    from flexdiff.metrics import QualityMeter
+    from flexdiff.models import load_model
+    from flexdiff.search import SearchConfig, search_from_settings
+    from flexdiff.search.space import make_space
+
+    model = load_model(tiny_model_dir)
+    meter = QualityMeter.for_loaded(model)
+    cfg = SearchConfig(budget=0.1, population=4, generations=2, eval_samples=16)
+
+    def search(out, workers):
+        space = make_space("segment", "dpmsolver++", 1000, num_branches(model.unet), step_choices=(5, 10))
+        return search_from_settings(model, meter, space, cfg, out, workers=workers)
+
+    serial = search(tmp_path / "serial", Workers()).run()
+
+    class Killed(Exception):
+        pass
+
+    def kill(generation):
+        if generation == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        search(tmp_path / "parallel", Workers(count=2)).run(on_generation=kill)
+    resumed = search(tmp_path / "parallel", Workers(count=2)).run()
+    assert resumed.best == serial.best
+    assert _without_timings(resumed.history) == _without_timings(serial.history)

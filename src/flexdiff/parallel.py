@@ -110,8 +110,10 @@ class ActorPool:
         self.ray = ray
         remote = ray.remote(num_cpus=workers.threads, num_gpus=workers.gpus, max_restarts=RETRIES,
                             max_task_retries=RETRIES)(cls)
-        refs = [ray.put(a) for a in args]  # the model and friends go to the object store once, not once per actor
-        self.actors = [remote.remote(*refs) for _ in range(pool_size(workers))]
+        # the model and friends go to the object store once, not once per actor; the pool keeps the references,
+        # so an actor that dies can be rebuilt from them (Ray frees an object when its last reference goes)
+        self._args = [ray.put(a) for a in args]
+        self.actors = [remote.remote(*self._args) for _ in range(pool_size(workers))]
 
     def map(self, method: str, items: Sequence[Any], on_result: Callable[[int, Any], None] | None = None) -> list:
         """Call `actor.method(item)` for every item across the actors; results in the items' order.
@@ -136,7 +138,7 @@ class ActorPool:
     def shutdown(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
-        self.actors = []
+        self.actors, self._args = [], []
 
 
 def run_tasks(workers: Workers, fn: Callable, jobs: Sequence[dict],
