@@ -130,3 +130,19 @@ def test_experts_on_a_latent_model_train_on_latents_and_decode(pipelines, tmp_pa
     assert code == 0, out
     saved = load_file(tmp_path / "m.safetensors")  # the mixture's latents go through the LDM's VQ-VAE
     assert tuple(saved["images"].shape) == (2, 3, 16, 16) and tuple(saved["latents"].shape) == (2, 3, 8, 8)
+
+
+def test_evaluate_reports_the_clip_score_of_the_prompts(pipelines, tmp_path):
+    import json
+
+    clip = tiny_pipelines.clip_model(tmp_path / "clip")
+    code, out = run("evaluate", "--model", pipelines["sd"], "--samples", 4, "--deepcache", 2, "--steps", 6,
+                    "--teacher-steps", 6, "--prompt", "a cat", "--prompt", "a dog", "--clip-model", clip,
+                    "--out", tmp_path / "e.json", "--threads", 1)
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "e.json").read_text())["metrics"]
+    assert 0 <= metrics["clip score"]["value"] <= 100
+    assert "clip score - teacher (paired)" in metrics
+    code, out = run("evaluate", "--model", pipelines["sd"], "--samples", 4, "--steps", 6, "--teacher-steps", 8,
+                    "--clip-model", tmp_path / "nowhere")
+    assert_user_error(code, out, "--clip-model")

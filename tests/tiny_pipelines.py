@@ -116,6 +116,23 @@ def class_conditional(folder: Path) -> Path:
     return save_model(unet, {**DEFAULT_SCHEDULER_CONFIG, "clip_sample": False}, folder)
 
 
+def clip_model(folder: Path) -> Path:
+    """A tiny CLIP model and processor (the letters tokenizer, 16x16 images), saved as --clip-model reads it."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok, vocab = _tokenizer(folder.parent / f"{folder.name}-tokenizer-files")
+    cfg = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=TEXT_LEN, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=2),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=16, patch_size=4), projection_dim=16)
+    torch.manual_seed(4)
+    CLIPModel(cfg).save_pretrained(folder)
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
 BUILDERS = dict(sd=stable_diffusion, sdxl=sdxl, ldm=ldm, ddpm=ddpm_rgb, classcond=class_conditional)
 IMAGE = dict(sd=(3, 16, 16), sdxl=(3, 16, 16), ldm=(3, 16, 16), ddpm=(3, 32, 32), classcond=(3, 32, 32))
 # what each kind is conditioned on in the CLI tests

@@ -106,6 +106,7 @@ def evaluate(
     prompt: Optional[list[str]] = PromptOpt,
     prompts: Optional[Path] = PromptsOpt,
     negative_prompt: Optional[str] = NegativeOpt,
+    clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="A local CLIP model folder (CLIPModel + CLIPProcessor, save_pretrained): also report the CLIP score of the prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
@@ -126,8 +127,15 @@ def evaluate(
     meter = meter_for(loaded, inception_weights, real_data)
     teacher = Schedule.full("ddim", teacher_steps)
     noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
-    conditioning = conditioning_from_options(loaded, None, labels, guidance, samples,
-                                             prompts_from_options(prompt, prompts), negative_prompt)
+    texts = prompts_from_options(prompt, prompts)
+    conditioning = conditioning_from_options(loaded, None, labels, guidance, samples, texts, negative_prompt)
+    clip = None
+    if clip_model is not None:
+        if not texts:
+            raise FlexdiffError("--clip-model scores images against their prompts: give --prompt or --prompts")
+        from ..metrics.clip import load_clip
+
+        clip = load_clip(clip_model)
     is_teacher = sched.steps == teacher.steps and sched.sampler == teacher.sampler
     if is_teacher and isinstance(meter, PixelMeter):
         raise FlexdiffError("this is the teacher's own schedule, and without real images (--real-data) quality is "
@@ -143,6 +151,15 @@ def evaluate(
         metrics = meter.report(meter.features(images), None if is_teacher else meter.features(teacher_images))
     if teacher_images is not None:
         metrics.update(paired_report(images, teacher_images))
+    if clip is not None:  # prompt i conditions sample i (cycled), as in the sampling
+        from ..metrics.clip import clip_scores
+        from ..metrics.paired import mean_interval
+
+        rows = [texts[i % len(texts)] for i in range(samples)]
+        ours = clip_scores(images, rows, clip)
+        metrics["clip score"] = mean_interval(ours)
+        if teacher_images is not None:
+            metrics["clip score - teacher (paired)"] = mean_interval(ours - clip_scores(teacher_images, rows, clip))
     what = f"labels {labels}, guidance {guidance:g}" if labels else \
         (f"prompts, guidance {guidance:g}" if loaded.has_text else "unconditional")
     space = "teacher-relative only (no real images)" if isinstance(meter, PixelMeter) else \

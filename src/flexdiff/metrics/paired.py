@@ -16,6 +16,11 @@ from .fid import Estimate, _interval
 PSNR_CAP = 100.0  # dB: identical images would score infinity
 
 
+def mean_interval(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """The mean of per-sample values with its bootstrap interval."""
+    return _mean_ci(np.asarray(values, dtype=float), n_boot, level, seed)
+
+
 def _mean_ci(values: np.ndarray, n_boot: int, level: float, seed: int) -> Estimate:
     rng = np.random.default_rng(seed)
     boots = [values[rng.integers(0, len(values), len(values))].mean() for _ in range(n_boot)]
