@@ -33,6 +33,9 @@ def meter_for(model, inception_weights: Path | None = None, real_data: Path | No
 
     shape = model.image_shape
     if real_data is None and (shape[0], shape[1]) != (1, DIGITS_RESOLUTION):
+        if inception_weights is not None:  # not ignored silently: teacher-relative Inception rFID is not built
+            raise FlexdiffError("--inception-weights scores against real images: give --real-data DIR too (without "
+                                "real data this model is measured against the teacher: PSNR, SSIM)")
         return PixelMeter(shape)
     return QualityMeter.for_model(shape, inception_weights, real_data)
 
