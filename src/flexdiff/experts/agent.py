@@ -165,12 +165,13 @@ def check_budget(space: SpecSpace, served: list[int], budget: float, teacher_mac
 
 
 def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], space: SpecSpace, served: list[int],
-                budget: float, out_dir: Path, cfg: AgentConfig = AgentConfig(), progress=None) -> dict:
+                budget: float, out_dir: Path, cfg: AgentConfig = AgentConfig(), progress=None,
+                cost_kind: str = "MACs") -> dict:
     """Train the agent, choose the specs, write `choice.json` and `agent.png`; resumable via `agent.pt`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_run = space.full_cost * sum(served)
-    check_budget(space, served, budget, teacher_run)
+    check_budget(space, served, budget, teacher_run, cost_kind)
     target = budget * teacher_run
     weights = torch.tensor(served, dtype=torch.float64)
     agent = RoutingAgent(len(elastics), space.shape, seed=cfg.seed)

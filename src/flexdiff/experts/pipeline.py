@@ -220,7 +220,8 @@ class ExpertsPipeline:
         batches = [self.batches(lo, hi) for lo, hi in iv.bounds()]
         acfg = AgentConfig(steps=self.cfg.agent_steps, batch_size=self.cfg.batch_size, distill=self.cfg.distill,
                            seed=self.cfg.seed)
-        result = train_agent(elastics, batches, space, served, budget, folder, acfg, self.progress)
+        result = train_agent(elastics, batches, space, served, budget, folder, acfg, self.progress,
+                             "latency on this machine" if self.cfg.budget_kind == "latency" else "MACs")
         (folder / "agent.pt").unlink(missing_ok=True)
         return result
 
