@@ -81,12 +81,12 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors state dict that must be readable (a finished stage's weights): a damaged one names itself."""
     from safetensors.torch import load_file
 
-    from .errors import FlexdiffError
+    from .errors import FlexdiffError, first_line
 
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own error kinds
-        raise FlexdiffError(f"{path}: cannot read these weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+        raise FlexdiffError(f"{path}: cannot read these weights ({first_line(e)}); "
                             "delete it to rebuild that part") from None
 
 

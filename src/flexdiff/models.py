@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from .errors import FlexdiffError
+from .errors import FlexdiffError, first_line
 from .io import read_json_object
 from .mixture import experts_of, is_mixture_folder, load_mixture
 from .pipelines import PipelineParts, needs_parts, pipeline_index
@@ -142,8 +142,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     except FlexdiffError:
         raise
     except Exception as e:  # diffusers raises many kinds for corrupt files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FlexdiffError(f"--model {path}: cannot load the weights ({msg})") from None
+        raise FlexdiffError(f"--model {path}: cannot load the weights ({first_line(e)})") from None
     unet.eval().requires_grad_(False)
     sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
         if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Conditioning
-from .errors import FlexdiffError
+from .errors import FlexdiffError, first_line
 from .io import read_json_object
 
 DECODERS = ("vae", "vqvae")
@@ -53,8 +53,7 @@ class PipelineParts:
             pipe = DiffusionPipeline.from_pretrained(path, unet=unet, use_safetensors=True, local_files_only=True,
                                                      **extra)
         except Exception as e:  # diffusers / transformers raise many kinds for a broken folder
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise FlexdiffError(f"--model {path}: cannot load the pipeline's other parts ({msg}); flexdiff loads "
+            raise FlexdiffError(f"--model {path}: cannot load the pipeline's other parts ({first_line(e)}); flexdiff loads "
                                 "safetensors weights and local tokenizer files only") from None
         for part in ("vae", "vqvae", "text_encoder", "text_encoder_2"):
             m = getattr(pipe, part, None)

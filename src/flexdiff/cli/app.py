@@ -211,6 +211,15 @@ def conditioning_from_options(loaded, cond: Optional[Path], labels: Optional[str
     return load_cond_file(cond, guidance, loaded)
 
 
+def prompts_for_config(loaded, prompt: Optional[list[str]], prompts: Optional[Path], negative: Optional[str],
+                       guidance: float) -> tuple[str, ...]:
+    """--prompt/--prompts as a tuple for configs (searches, bench), checked against the model now, before any work."""
+    texts = prompts_from_options(prompt, prompts)
+    if texts is not None or negative is not None:
+        conditioning_from_options(loaded, None, None, guidance, 1, texts, negative)
+    return tuple(texts or ())
+
+
 def labels_from_options(loaded, labels: Optional[str], guidance: float) -> tuple[int, ...]:
     """--labels as a tuple for configs (searches, bench), checked against the model now, before any work."""
     conditioning_from_options(loaded, None, labels, guidance, 1)

@@ -17,13 +17,12 @@ from .app import (
     PromptsOpt,
     app,
     check_schedule,
-    conditioning_from_options,
     console,
     labels_from_options,
     parse_floats,
     parse_ints,
     progress_bar,
-    prompts_from_options,
+    prompts_for_config,
     set_threads,
     user_errors,
 )
@@ -91,11 +90,9 @@ def bench(
     for path in mixture:
         if str(path) != "default":
             load_model(path)  # a broken mixture folder is refused now, not after the searches
-    texts = prompts_from_options(prompt, prompts)
-    if texts is not None or negative_prompt is not None:
-        conditioning_from_options(loaded, None, None, guidance, 1, texts, negative_prompt)  # checked before any work
     cfg = replace(cfg, labels=labels_from_options(loaded, labels, guidance), guidance=guidance,
-                  prompts=tuple(texts or ()), negative_prompt=negative_prompt)
+                  prompts=prompts_for_config(loaded, prompt, prompts, negative_prompt, guidance),
+                  negative_prompt=negative_prompt)
     meter = meter_for(loaded, inception_weights, real_data)
     with run_folder(out), progress_bar() as progress:
         result = run_bench(loaded, cfg, out, meter, extra, progress=progress)

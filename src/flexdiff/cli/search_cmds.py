@@ -19,12 +19,11 @@ from .app import (
     RayAddressOpt,
     WorkersOpt,
     app,
-    conditioning_from_options,
     console,
     labels_from_options,
     parse_ints,
     progress_bar,
-    prompts_from_options,
+    prompts_for_config,
     set_threads,
     user_errors,
     workers_from_options,
@@ -88,13 +87,11 @@ def search(
                     length_choices=lengths and parse_ints(lengths, "--lengths"),
                     branches=branches and parse_ints(branches, "--branches", minimum=0),
                     end_choices=ends and parse_ints(ends, "--ends", minimum=0))
-    texts = prompts_from_options(prompt, prompts)
-    if texts is not None or negative_prompt is not None:
-        conditioning_from_options(loaded, None, None, guidance, 1, texts, negative_prompt)  # checked before any work
     cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
                        eval_samples=eval_samples, metric=metric, seed=seed,
                        labels=labels_from_options(loaded, labels, guidance), guidance=guidance,
-                       prompts=tuple(texts or ()), negative_prompt=negative_prompt)
+                       prompts=prompts_for_config(loaded, prompt, prompts, negative_prompt, guidance),
+                       negative_prompt=negative_prompt)
     meter = meter_for(loaded, inception_weights, real_data)
     with run_folder(out), progress_bar() as progress:
         s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress, workers=pool)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FlexdiffError
+from ..errors import FlexdiffError, first_line
 
 
 def load_clip(folder: Path):
@@ -26,9 +26,8 @@ def load_clip(folder: Path):
         model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many kinds for a folder that is not a CLIP model
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FlexdiffError(f"--clip-model {folder}: not a CLIP model and processor saved with save_pretrained "
-                            f"(safetensors) ({msg})") from None
+                            f"(safetensors) ({first_line(e)})") from None
     return model, processor
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FlexdiffError
+from ..errors import FlexdiffError, first_line
 
 
 class InceptionFeatures:
@@ -39,7 +39,7 @@ class InceptionFeatures:
                 return torch.load(weights_path, map_location="cpu", weights_only=True)
             except Exception as e:  # pickles with code, truncated files, foreign formats
                 raise FlexdiffError(f"--inception-weights {weights_path}: not a plain weights file "
-                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                                    f"({first_line(e)})") from None
 
         original = getattr(fid_inception, "load_state_dict_from_url", None)
         fid_inception.load_state_dict_from_url = local_weights
