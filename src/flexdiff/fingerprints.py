@@ -29,3 +29,13 @@ def data_fingerprint(*tensors: torch.Tensor | None) -> str:
 def text_fingerprint(texts: list[str]) -> str:
     """A short hash of prompts (their order matters: prompt i conditions sample i)."""
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+
+
+def conditioning_tag(labels: tuple[int, ...] = (), guidance: float = 1.0, prompts: tuple[str, ...] = (),
+                     negative: str | None = None) -> str:
+    """What samples are conditioned on, for cache and folder names ('' = unconditional): labels, prompts
+    (hashed) and the guidance scale. Guidance without labels is a text model's (the empty prompt)."""
+    tag = f"-labels{'_'.join(map(str, labels))}-g{guidance:g}" if labels else ""
+    if prompts or negative is not None or (guidance != 1.0 and not labels):
+        tag += f"-prompts{text_fingerprint(list(prompts) + [negative or ''])}-g{guidance:g}"
+    return tag

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..cost import measure_step_costs
-from ..fingerprints import text_fingerprint, weights_fingerprint
+from ..fingerprints import conditioning_tag, weights_fingerprint
 from ..io import load_cache, save_safetensors, write_json, write_text
 from ..metrics import QualityMeter
 from ..metrics.paired import PixelMeter, paired_report
@@ -27,11 +27,7 @@ def _model_fingerprint(model: LoadedModel) -> str:
 
 
 def _conditioning_tag(cfg: BenchConfig) -> str:
-    """What the samples are conditioned on, for folder names and cache keys ('' = unconditional)."""
-    tag = f"-labels{'_'.join(map(str, cfg.labels))}-g{cfg.guidance:g}" if cfg.labels else ""
-    if cfg.prompts or cfg.negative_prompt is not None or (cfg.guidance != 1.0 and not cfg.labels):
-        tag += f"-prompts{text_fingerprint(list(cfg.prompts) + [cfg.negative_prompt or ''])}-g{cfg.guidance:g}"
-    return tag
+    return conditioning_tag(cfg.labels, cfg.guidance, cfg.prompts, cfg.negative_prompt)
 
 
 def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import FlexdiffError
+from ..fingerprints import conditioning_tag
 from ..io import load_cache, save_safetensors
 from ..metrics import QualityMeter
 from ..metrics.fid import fid
@@ -46,11 +47,8 @@ class Fitness:
         c = model.unet.config
         self.noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
         self.cond = model_conditioning(model, samples, tuple(labels), tuple(prompts), negative_prompt, guidance)
-        tag = f"-labels{'_'.join(map(str, labels))}-g{guidance:g}" if labels else ""
-        if prompts or negative_prompt is not None:  # the teacher's images depend on the prompts: in the name
-            from ..fingerprints import text_fingerprint
-
-            tag += f"-prompts{text_fingerprint(list(prompts) + [negative_prompt or ''])}-g{guidance:g}"
+        # the teacher's images depend on the labels, prompts and guidance: all in the cache's name
+        tag = conditioning_tag(tuple(labels), guidance, tuple(prompts), negative_prompt)
         path = Path(workdir) / f"teacher-{teacher.num_steps}-{samples}-{seed}{tag}.safetensors"
         stored = (load_cache(path) or {}).get("features")  # a truncated file from a killed run is redrawn
         if teacher_features is not None:  # a worker: the driver drew them
