@@ -171,3 +171,19 @@ def test_last_timestep_setting_spreads_steps_down_to_it():
     with pytest.raises(FlexdiffError, match="--ends"):
         SegmentSpace(step_choices=(10,), end_choices=(995,)).validate(6)
     assert SegmentSpace(sampler="ddim", end_choices=(0, 200))._ends() == (0,)
+
+
+def test_every_search_starts_from_the_plain_sampler_that_fits_the_budget():
+    space = SegmentSpace(sampler="dpmsolver++", step_choices=(4, 6, 8, 10), length_choices=(1, 2), branches=(0, 1),
+                         end_choices=(0, 100))
+    budget = 6.5 * COSTS.full  # room for 6 full steps, not 8
+    seeds = space.budget_seeds(COSTS, budget)
+    assert [(g["T"], g["L"], g["end"]) for g in seeds] == [(6, 1, 0), (6, 1, 100)]
+    assert all(COSTS.schedule_macs(space.to_schedule(g)) <= budget for g in seeds)
+    search = Search(space, COSTS, TEACHER_MACS, FakeFitness(), SearchConfig(budget=budget / TEACHER_MACS, population=4),
+                    out_dir=".")
+    first = {space.to_schedule(g).key() for g in search._initial(np.random.default_rng(0))}
+    assert {space.to_schedule(g).key() for g in seeds} <= first
+    stepwise = StepwiseSpace(step_choices=(4, 6, 8), branches=(0, 1))
+    assert [len(g["kinds"]) for g in stepwise.budget_seeds(COSTS, budget)] == [6]
+    assert space.budget_seeds(COSTS, 3 * COSTS.full) == []  # no plain sampler fits: the search goes on without one

@@ -35,6 +35,9 @@ class BenchConfig(Config):
     deepcache_intervals: tuple[int, ...] = (2, 3, 5)
     deepcache_branches: tuple[int, ...] = (0, 2)
     deepcache_nonuniform: tuple[int, ...] = (3, 5)  # intervals of non-uniform DeepCache (branch 0)
+    # DeepCache over a few-step DPM-Solver++ run too (these step counts; the intervals and branches above):
+    # over the teacher's 100 DDIM steps DeepCache cannot reach the searches' budgets
+    deepcache_dpm_steps: tuple[int, ...] = ()
     # Searches run inside the bench (each resumable under out/searches/): budgets as fractions of the teacher
     search_budgets: tuple[float, ...] = ()
     search_population: int = 16
@@ -64,6 +67,15 @@ class BenchConfig(Config):
             for b in self.deepcache_branches for n in self.deepcache_intervals
         ]
         out += [
+            Method(f"DeepCache 1:{n} b{b} (DPM-Solver++-{s})", "deepcache", Schedule.deepcache("dpmsolver++", s, n, b))
+            for s in self.deepcache_dpm_steps for b in self.deepcache_branches for n in self.deepcache_intervals
+        ]
+        out += [
+            Method(f"DeepCache non-uniform 1:{n} b0 (DPM-Solver++-{s})", "deepcache-nu",
+                   Schedule.deepcache_nonuniform("dpmsolver++", s, n, 0))
+            for s in self.deepcache_dpm_steps for n in self.deepcache_nonuniform
+        ]
+        out += [
             Method(f"DeepCache non-uniform 1:{n} b0 (DDIM-{t})", "deepcache-nu", Schedule.deepcache_nonuniform("ddim", t, n, 0))
             for n in self.deepcache_nonuniform
         ]
@@ -80,6 +92,11 @@ PRESETS = {
                          mixtures=("default",), composed_speedups=(20,)),
     # the docs' table: about 2 hours on 2 cores (searches, two mixtures with their baselines)
     "full": BenchConfig(samples=2000, search_budgets=(1 / 16, 1 / 25), expert_budgets=(0.5, 0.4)),
+    # the search's table (docs/search.md): every searched budget against the solvers at the step counts
+    # those budgets allow (1/8: 12 steps, 1/16: 6, 1/25: 4) and DeepCache over DPM-Solver++
+    "search": BenchConfig(samples=2000, ddim_steps=(4, 6, 12, 50), dpm_steps=(4, 6, 12, 20), unipc_steps=(4, 6, 12),
+                          deepcache_intervals=(2, 3, 5), deepcache_branches=(0,), deepcache_nonuniform=(),
+                          deepcache_dpm_steps=(20, 25), search_budgets=(1 / 8, 1 / 16, 1 / 25)),
 }
 
 

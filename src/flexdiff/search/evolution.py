@@ -190,6 +190,8 @@ class Search:
                     keys.add(k)
                     genomes.append(g)
 
+        for g in self.space.budget_seeds(self.costs, self.budget_macs):  # every search starts from "fewer steps"
+            add(g)
         seeds = self.space.seeds()
         for i in rng.permutation(len(seeds))[: max(1, self.cfg.population // 2)]:
             add(seeds[int(i)])

@@ -42,10 +42,11 @@ class SegmentSpace:
     """
 
     sampler: str = "dpmsolver++"
-    step_choices: tuple[int, ...] = (10, 15, 20, 25)
+    # T < 10 too: on a converged model a few well-placed full steps can beat many cached ones (docs/search.md)
+    step_choices: tuple[int, ...] = (4, 5, 6, 7, 8, 10, 12, 15, 20, 25)
     length_choices: tuple[int, ...] = (1, 2, 3, 4, 5)
     branches: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
-    end_choices: tuple[int, ...] = (0, 100, 200, 300)
+    end_choices: tuple[int, ...] = (0, 50, 100, 200, 300)
     num_train_timesteps: int = 1000
     kind: str = "segment"
 
@@ -79,9 +80,22 @@ class SegmentSpace:
         """Every segment alike: with p = L-1 this is DeepCache's uniform 1:L."""
         return {"T": T, "L": L, "end": 0, "segments": [[p, branch] for _ in range(self.num_segments(T, L))]}
 
+    def plain(self) -> list[Genome]:
+        """The plain sampler (every step full) at each T and each end timestep."""
+        return [dict(self.uniform(T, 1, 0, self.branches[0]), end=int(e)) for T in self.step_choices for e in self._ends()]
+
+    def budget_seeds(self, costs: StepCosts, budget: float) -> list[Genome]:
+        """"Use fewer steps": at each end timestep, the plain sampler with the most steps the budget allows."""
+        out = []
+        for e in self._ends():
+            fits = [g for g in self.plain() if g["end"] == e and costs.schedule_macs(self.to_schedule(g)) <= budget]
+            if fits:
+                out.append(max(fits, key=lambda g: g["T"]))
+        return out
+
     def seeds(self) -> list[Genome]:
-        """The initial population's hand-made members: DeepCache-like uniform schedules and plain samplers."""
-        out = [self.uniform(T, 1, 0, self.branches[0]) for T in self.step_choices]
+        """The initial population's hand-made members: plain samplers, then DeepCache-like uniform schedules."""
+        out = self.plain()
         for T in self.step_choices:
             for L in self.length_choices:
                 if L > 1:
@@ -188,6 +202,11 @@ class StepwiseSpace:
 
     def seeds(self) -> list[Genome]:
         return [{"timesteps": self._even(k), "kinds": [-1] * k} for k in self.step_choices]
+
+    def budget_seeds(self, costs: StepCosts, budget: float) -> list[Genome]:
+        """The evenly spaced plain sampler with the most steps the budget allows."""
+        fits = [g for g in self.seeds() if costs.schedule_macs(self.to_schedule(g)) <= budget]
+        return [max(fits, key=lambda g: len(g["kinds"]))] if fits else []
 
     def to_schedule(self, g: Genome) -> Schedule:
         steps = tuple(FULL if k < 0 else partial(k) for k in g["kinds"])
