@@ -113,6 +113,21 @@ def test_unipc_rows_join_the_catalogue_when_asked():
     assert not any(m.name.startswith("UniPC") for m in BenchConfig().methods())
 
 
+def test_search_preset_puts_a_plain_solver_and_deepcache_within_each_budget():
+    from flexdiff.bench import config_from_options
+    from flexdiff.cost import StepCosts
+
+    cfg = config_from_options("search")
+    costs = StepCosts(full=100.0, partial=(10.0, 30.0, 50.0))
+    teacher = costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps))
+    methods = cfg.methods()
+    dpm_cache = [m for m in methods if m.family == "deepcache" and m.schedule.sampler == "dpmsolver++"]
+    assert len(dpm_cache) == 6 and all(NULL not in m.schedule.steps for m in dpm_cache)
+    for budget in cfg.search_budgets:  # each searched budget has "use fewer steps" peers at or under it
+        fits = {m.family for m in methods if costs.schedule_macs(m.schedule) <= budget * teacher}
+        assert {"ddim", "dpmsolver++", "unipc"} <= fits
+
+
 def test_a_schedule_searched_over_a_mixture_joins_as_a_composed_row(tiny_model_dir, tmp_path):
     from dataclasses import replace
 
