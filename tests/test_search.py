@@ -187,3 +187,25 @@ def test_every_search_starts_from_the_plain_sampler_that_fits_the_budget():
     stepwise = StepwiseSpace(step_choices=(4, 6, 8), branches=(0, 1))
     assert [len(g["kinds"]) for g in stepwise.budget_seeds(COSTS, budget)] == [6]
     assert space.budget_seeds(COSTS, 3 * COSTS.full) == []  # no plain sampler fits: the search goes on without one
+
+
+def test_proxy_candidates_from_a_search_span_its_fitness_ranks_within_its_budget(tmp_path):
+    from flexdiff.search.proxy import search_candidates
+
+    res = _search(tmp_path / "s").run()
+    picked = search_candidates(tmp_path / "s", 5, model_fingerprint="any")  # a search without a model fingerprint
+    ranked = sorted(res.evaluated.items(), key=lambda kv: (kv[1]["fitness"], kv[0]))
+    assert len(picked) == 5
+    assert picked[0].key() == ranked[0][0] and picked[-1].key() == ranked[-1][0]  # best and worst both in
+    assert all(COSTS.schedule_macs(s) <= TEACHER_MACS / 16 for s in picked)
+    with pytest.raises(FlexdiffError, match="no search_state.json"):
+        search_candidates(tmp_path, 5, "any")
+    state = json.loads((tmp_path / "s" / "search_state.json").read_text())
+    state["identity"]["model"] = "abc"
+    (tmp_path / "s" / "search_state.json").write_text(json.dumps(state))
+    with pytest.raises(FlexdiffError, match="another model"):
+        search_candidates(tmp_path / "s", 5, "def")
+    del state["identity"]["space"]
+    (tmp_path / "s" / "search_state.json").write_text(json.dumps(state))
+    with pytest.raises(FlexdiffError, match="damaged search state"):
+        search_candidates(tmp_path / "s", 5, "abc")

@@ -118,7 +118,8 @@ def search(
 def proxy_study_cmd(
     out: Path = typer.Option(Path("runs/proxy"), "--out"),
     model: Optional[Path] = ModelOpt,
-    candidates: int = typer.Option(24, min=3, help="Schedules spread over the search space."),
+    candidates: int = typer.Option(24, min=3, help="Schedules spread over the search space (or taken from --from-search)."),
+    from_search: Optional[Path] = typer.Option(None, "--from-search", help="Rank the candidates a search scored (its --out folder), at evenly spaced ranks of its fitness: the proxy within one budget."),
     eval_samples: int = typer.Option(256, min=8, help="Samples for the proxies (as in the search)."),
     fid_samples: int = typer.Option(1000, min=8, help="Samples for the real FID of each candidate."),
     seed: int = typer.Option(0),
@@ -134,6 +135,13 @@ def proxy_study_cmd(
     check_folder_target(out)
     loaded = load_model(model)
     meter = QualityMeter.for_loaded(loaded)
+    schedules = None
+    if from_search is not None:
+        from ..fingerprints import weights_fingerprint
+        from ..search.proxy import search_candidates
+
+        schedules = search_candidates(from_search, candidates, weights_fingerprint(loaded.unet))
     with run_folder(out), progress_bar() as progress:
-        res = proxy_study(loaded, meter, out, candidates, eval_samples, fid_samples, seed, progress=progress)
+        res = proxy_study(loaded, meter, out, candidates, eval_samples, fid_samples, seed, progress=progress,
+                          schedules=schedules, source=str(from_search) if from_search else "spread")
     console.print(proxy_table(res), highlight=False, soft_wrap=True, markup=False)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cost import measure_step_costs
-from ..io import save_figure, write_json, write_text
+from ..errors import FlexdiffError
+from ..io import read_json, save_figure, write_json, write_text
 from ..metrics import QualityMeter
 from ..models import LoadedModel
 from ..sampling import initial_noise, sample
@@ -36,9 +37,34 @@ def spread_candidates(space: SegmentSpace, costs, teacher_macs: float, n: int, s
     return out
 
 
+def search_candidates(folder: Path, n: int, model_fingerprint: str) -> list[Schedule]:
+    """`n` of the schedules a finished (or running) search scored, at evenly spaced ranks of its fitness: the
+    comparisons the search actually made, all within its budget."""
+    from .evolution import STATE_FILE
+    from .space import space_from_dict
+
+    path = Path(folder) / STATE_FILE
+    if not path.exists():
+        raise FlexdiffError(f"--from-search {folder}: no {STATE_FILE} there (give a search's --out folder)")
+    state = read_json(path, "a search state")
+    try:
+        space = space_from_dict(state["identity"]["space"])
+        scored = sorted(state["evaluated"].items(), key=lambda kv: (kv[1]["fitness"], kv[0]))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise FlexdiffError(f"{path}: damaged search state ({e!r} missing or of the wrong type)") from None
+    if state["identity"].get("model") not in (None, model_fingerprint):
+        raise FlexdiffError(f"--from-search {folder}: that search ran on another model (weights fingerprint "
+                            f"{state['identity']['model']}, this model {model_fingerprint}); give the same --model")
+    if len(scored) < 3:
+        raise FlexdiffError(f"--from-search {folder}: {len(scored)} scored candidates there; need at least 3")
+    ranks = sorted({int(i) for i in np.linspace(0, len(scored) - 1, min(n, len(scored))).round()})
+    return [space.to_schedule(scored[i][1]["genome"]) for i in ranks]
+
+
 def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidates: int = 24,
                 eval_samples: int = 256, fid_samples: int = 1000, seed: int = 0, space: SegmentSpace | None = None,
-                progress=None) -> dict:
+                progress=None, schedules: list[Schedule] | None = None, source: str = "spread") -> dict:
+    """`schedules`: the candidates to rank (default: `candidates` spread over `space`); `source` says where from."""
     from scipy.stats import spearmanr
 
     out_dir = Path(out_dir)
@@ -47,7 +73,7 @@ def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidat
     costs = measure_step_costs(model.unet)
     teacher = Schedule.full("ddim", 100)
     teacher_macs = costs.schedule_macs(teacher)
-    schedules = spread_candidates(space, costs, teacher_macs, candidates, seed)
+    schedules = schedules or spread_candidates(space, costs, teacher_macs, candidates, seed)
     proxy = Fitness(model, meter, teacher, "rfid", eval_samples, seed + 10_000, out_dir, progress=progress)
     c = model.unet.config
     big_noise = initial_noise(fid_samples, (c.in_channels, c.sample_size, c.sample_size), seed)
@@ -73,7 +99,7 @@ def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidat
             progress.update(task, advance=1)
     real = [r["real_fid"] for r in rows]
     res = dict(
-        candidates=len(rows), eval_samples=eval_samples, fid_samples=fid_samples, seed=seed,
+        candidates=len(rows), source=source, eval_samples=eval_samples, fid_samples=fid_samples, seed=seed,
         real_metric=meter.headline,  # the quality against real data ("real_fid" in the rows): cbFD on the digits
         spearman=dict(rfid=float(spearmanr([r["rfid"] for r in rows], real)[0]),
                       distance=float(spearmanr([r["distance"] for r in rows], real)[0])),
@@ -93,8 +119,9 @@ def _real_label(res: dict) -> str:
 
 def proxy_table(res: dict) -> str:
     ms, real = res["mean_seconds"], _real_label(res)
+    where = "spread over the space" if res.get("source", "spread") == "spread" else f"scored by the search in {res['source']}"
     return "\n".join([
-        f"{res['candidates']} candidates; proxies on {res['eval_samples']} samples, {real} on "
+        f"{res['candidates']} candidates {where}; proxies on {res['eval_samples']} samples, {real} on "
         f"{res['fid_samples']} samples against the real digits (same noise for every candidate).",
         "",
         f"| fitness | Spearman ρ with {real} | mean seconds per candidate | time saved vs {real} |",
