@@ -36,6 +36,11 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
     assert "rfid" in rows["DDIM-3"]["metrics"] and "rfid" not in rows["teacher DDIM-6"]["metrics"]
     table = (tmp_path / "b" / "bench.md").read_text()
     assert "Samples per method: 12" in table and "| searched |" in table and "Search wall time" in table
+    flex = next(r for r in result["rows"] if r["family"] == "flexiffusion")
+    within = {r["method"] for r in result["rows"] if r["family"] in ("ddim", "dpmsolver++", "deepcache", "deepcache-nu",
+              "autodiffusion") and r["macs_per_image"] <= rows["teacher DDIM-6"]["macs_per_image"] / 2 + 1e-6}
+    assert within and {c["peer"] for c in result["search_vs_peers"] if c["schedule"] == flex["method"]} == within
+    assert "Flexiffusion schedules against every peer within their budget" in table
 
     again = run_bench(model, CFG, tmp_path / "b", meter, extra)
     assert all(r["resumed"] for r in again["rows"])

@@ -36,6 +36,27 @@ def mixture_comparisons(runs, feats_by_name: dict, meter: QualityMeter) -> list[
             for a in mixtures for b in baselines]
 
 
+# the peers a searched schedule must beat: the solvers, DeepCache and the other search
+PEER_FAMILIES = ("ddim", "dpmsolver++", "unipc", "deepcache", "deepcache-nu", "autodiffusion")
+
+
+def search_comparisons(runs, feats_by_name: dict, meter: QualityMeter, macs: dict[str, float],
+                       teacher_macs: float) -> list[dict]:
+    """Each Flexiffusion schedule against every peer that fits the budget it was searched under (equal or lower
+    MACs), paired on the same noise."""
+    out = []
+    for m, *_ in runs:
+        if m.family != "flexiffusion" or m.model is not None:
+            continue
+        limit = (m.schedule.meta.get("budget") or 1.0) * teacher_macs
+        for p, *_ in runs:
+            if p.family in PEER_FAMILIES and p.model is None and macs[p.name] <= limit * (1 + 1e-9):
+                out.append(dict(schedule=m.name, peer=p.name, peer_family=p.family, peer_macs=macs[p.name],
+                                budget=m.schedule.meta.get("budget"), metric=meter.headline,
+                                difference=meter.paired(feats_by_name[m.name], feats_by_name[p.name]).to_dict()))
+    return out
+
+
 def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
     if d is None:
         return "—"
@@ -104,6 +125,16 @@ def markdown_table(result: dict) -> str:
                   f"| mixture | baseline | {label}(mixture) − {label}(baseline) |", "|---|---|---|"]
         lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['difference'])} |"
                   for c in result["mixture_vs_baselines"]]
+    if result.get("search_vs_peers"):
+        lines += ["", "Flexiffusion schedules against every peer within their budget, paired on the same noise "
+                  "(negative: the searched schedule is better; * where the interval excludes 0):", "",
+                  f"| searched schedule | peer | peer's speed-up (MACs) | {label}(searched) − {label}(peer) |",
+                  "|---|---|---|---|"]
+        teacher_macs = result["rows"][0]["macs_per_image"]
+        for c in result["search_vs_peers"]:
+            d = c["difference"]
+            mark = " *" if d["lo"] > 0 or d["hi"] < 0 else ""
+            lines.append(f"| {c['schedule']} | {c['peer']} | {teacher_macs / c['peer_macs']:.2f}x | {_est(d)}{mark} |")
     searched = [r for r in result["rows"] if r.get("search_seconds") is not None]
     if searched:
         lines += ["", "Search wall time (on top of sampling the table): " + "; ".join(

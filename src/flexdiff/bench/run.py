@@ -19,7 +19,7 @@ from ..models import LoadedModel
 from ..sampling import initial_noise, model_conditioning, sample
 from ..schedule import Schedule
 from .methods import BenchConfig, Method
-from .report import markdown_table, mixture_comparisons, plot_bench, save_comparison_grid
+from .report import markdown_table, mixture_comparisons, plot_bench, save_comparison_grid, search_comparisons
 
 
 def _model_fingerprint(model: LoadedModel) -> str:
@@ -231,6 +231,8 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     result = dict(
         config=asdict(cfg), model=str(model.path), model_fingerprint=fp,
         mixture_vs_baselines=[] if relative else mixture_comparisons(runs, feats_by_name, meter),
+        search_vs_peers=[] if relative else search_comparisons(
+            runs, feats_by_name, meter, {r["method"]: r["macs_per_image"] for r in rows}, teacher_macs),
         feature_space=meter.name, headline=meter.headline, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
         rows=rows,
     )
