@@ -232,7 +232,8 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
         config=asdict(cfg), model=str(model.path), model_fingerprint=fp,
         mixture_vs_baselines=[] if relative else mixture_comparisons(runs, feats_by_name, meter),
         search_vs_peers=[] if relative else search_comparisons(
-            runs, feats_by_name, meter, {r["method"]: r["macs_per_image"] for r in rows}, teacher_macs),
+            runs, feats_by_name, meter, {r["method"]: r["macs_per_image"] for r in rows},
+            {r["method"]: r["metrics"][meter.headline]["value"] for r in rows}, teacher_macs),
         feature_space=meter.name, headline=meter.headline, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
         rows=rows,
     )
