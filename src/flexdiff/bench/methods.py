@@ -43,7 +43,7 @@ class BenchConfig(Config):
     search_population: int = 16
     search_generations: int = 10
     search_eval_samples: int = 256
-    flexiffusion_metrics: tuple[str, ...] = ("distance", "fid")  # one Flexiffusion search per fitness
+    flexiffusion_metrics: tuple[str, ...] = ("rfid", "fid")  # one Flexiffusion search per fitness
     autodiffusion: bool = True  # also run the AutoDiffusion-style peer search at each budget
     # Mixtures of experts: pre-built mixture folders ("default" = the one shipped for the default model),
     # and budgets at which the bench builds its own (resumable under out/experts/), each with its two

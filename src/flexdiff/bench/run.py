@@ -126,6 +126,7 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
     from ..models import load_model
     from ..samplers import num_train_timesteps
     from ..search import SearchConfig, search_from_settings
+    from ..search.fitness import default_metric
     from ..search.space import make_space
 
     out, seconds = [], {}
@@ -141,14 +142,14 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
             space = make_space("segment", "dpmsolver++", num_train_timesteps(mix.scheduler_config),
                                num_branches(mix.unet))
             scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
-                                eval_samples=cfg.search_eval_samples, metric="distance", seed=cfg.seed,
+                                eval_samples=cfg.search_eval_samples, metric=default_metric(meter), seed=cfg.seed,
                                 teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance,
                                 prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
             base = out_dir / "searches" / f"{fp}{_conditioning_tag(cfg)}"
-            result = search_from_settings(mix, meter, space, scfg, base / f"composed-{speedup:g}x", progress=progress,
+            result = search_from_settings(mix, meter, space, scfg, base / f"composed-{scfg.metric}-{speedup:g}x", progress=progress,
                                           teacher_cache=base, costs=costs, model_fingerprint=fp).run()
             label = m.name.split(" (DDIM")[0]
-            name = f"{label} + Flexiffusion [distance] ≤1/{speedup:g} ({result.best.describe().split(' (')[0]})"
+            name = f"{label} + Flexiffusion [{scfg.metric}] ≤1/{speedup:g} ({result.best.describe().split(' (')[0]})"
             out.append(Method(name, "experts+search", replace(result.best, name=name), m.model))
             seconds[name] = result.seconds
     return out, seconds

@@ -47,7 +47,7 @@ def search(
     population: int = typer.Option(16, min=2),
     generations: int = typer.Option(10, min=0),
     eval_samples: int = typer.Option(256, min=8, help="Samples per candidate, on fixed evaluation noise."),
-    metric: str = typer.Option("distance", "--metric", help="Fitness: distance (per-sample, to the teacher), rfid (FID to the teacher's samples) or fid (quality vs real data: FID, or on the digits the class-balanced distance)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Fitness: rfid (FID to the teacher's samples; the default), distance (per-sample, to the teacher; the default without real data) or fid (quality vs real data: FID, or on the digits the class-balanced distance)."),
     seed: int = typer.Option(0, help="Seed of the search and of the evaluation noise."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
@@ -69,6 +69,7 @@ def search(
     from ..outputs import check_folder_target, run_folder
     from ..samplers import check_sampler, num_train_timesteps
     from ..search import SearchConfig, search_from_settings
+    from ..search.fitness import default_metric
     from ..search.space import make_space
 
     set_threads(threads)
@@ -87,12 +88,13 @@ def search(
                     length_choices=lengths and parse_ints(lengths, "--lengths"),
                     branches=branches and parse_ints(branches, "--branches", minimum=0),
                     end_choices=ends and parse_ints(ends, "--ends", minimum=0))
+    meter = meter_for(loaded, inception_weights, real_data)
+    metric = metric or default_metric(meter)
     cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
                        eval_samples=eval_samples, metric=metric, seed=seed,
                        labels=labels_from_options(loaded, labels, guidance), guidance=guidance,
                        prompts=prompts_for_config(loaded, prompt, prompts, negative_prompt, guidance),
                        negative_prompt=negative_prompt)
-    meter = meter_for(loaded, inception_weights, real_data)
     with run_folder(out), progress_bar() as progress:
         s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress, workers=pool)
         result = s.run()

@@ -20,6 +20,12 @@ from ..schedule import Schedule
 METRICS = ("rfid", "distance", "fid")
 
 
+def default_metric(meter) -> str:
+    """rFID to the teacher's samples; on pooled pixels (no real data, no feature network) the per-sample
+    distance, as an FID over thousands of pixel dimensions from a few hundred samples is not defined."""
+    return "distance" if getattr(meter, "name", None) == "pixels" else "rfid"
+
+
 class Fitness:
     """Scores schedules on one fixed set of initial noises (lower is better).
 
