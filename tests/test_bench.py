@@ -152,4 +152,4 @@ def test_a_schedule_searched_over_a_mixture_joins_as_a_composed_row(tiny_model_d
     composed = rows["experts+search"]
     assert composed["model"] == rows["experts"]["model"]  # the schedule runs on the mixture
     assert composed["speedup_macs"] >= 3 - 1e-6 and composed["search_seconds"] > 0  # against the original teacher
-    assert "+ Flexiffusion [distance] ≤1/3" in composed["method"]
+    assert "+ Flexiffusion [rfid] ≤1/3" in composed["method"]

@@ -73,7 +73,7 @@ def test_small_real_search_on_default_model(tmp_path):
     from flexdiff.search.fitness import Fitness
 
     fitness = Fitness(load_model(), QualityMeter.for_model((1, 16, 16), n_boot=10), Schedule.full("ddim", 100),
-                      "distance", 64, 1 + 10_000, tmp_path / "s")  # same evaluation noise, cached teacher
+                      "rfid", 64, 1 + 10_000, tmp_path / "s")  # the default fitness, same evaluation noise
     ddim6, _ = fitness(Schedule.full("ddim", 6))  # plain DDIM at about the same cost (1/16.7)
     assert best.meta["fitness"] < ddim6
 
