@@ -153,3 +153,16 @@ def test_a_schedule_searched_over_a_mixture_joins_as_a_composed_row(tiny_model_d
     assert composed["model"] == rows["experts"]["model"]  # the schedule runs on the mixture
     assert composed["speedup_macs"] >= 3 - 1e-6 and composed["search_seconds"] > 0  # against the original teacher
     assert "+ Flexiffusion [rfid] ≤1/3" in composed["method"]
+
+
+def test_bench_seed_from_the_command_line_reaches_the_bench(tiny_model_dir, tmp_path, monkeypatch):
+    import flexdiff.bench
+    from test_cli import run
+
+    seen = {}
+    monkeypatch.setattr(flexdiff.bench, "run_bench", lambda model, cfg, *a, **k: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr(flexdiff.bench, "markdown_table", lambda result: "")
+    code, out = run("bench", "--model", tiny_model_dir, "--out", tmp_path / "b", "--seed", 3, "--samples", 4)
+    assert code == 0, out
+    # it was silently 0: a "second seed" bench repeated the first, searches included (their noise is seed + 10,000)
+    assert seen["cfg"].seed == 3 and seen["cfg"].samples == 4

@@ -69,7 +69,7 @@ def bench(
 
     set_threads(threads)
     cfg = config_from_options(
-        preset, samples=samples, teacher_steps=teacher_steps,
+        preset, samples=samples, seed=seed, teacher_steps=teacher_steps,
         ddim_steps=ddim_steps and parse_ints(ddim_steps, "--ddim-steps"),
         dpm_steps=dpm_steps and parse_ints(dpm_steps, "--dpm-steps"),
         unipc_steps=unipc_steps and parse_ints(unipc_steps, "--unipc-steps"),
