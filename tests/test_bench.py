@@ -113,6 +113,9 @@ def test_bench_searches_of_another_model_in_the_same_folder_are_its_own(tiny_mod
     assert folders == sorted([weights_fingerprint(a.unet), weights_fingerprint(b.unet)])
     for fp in folders:
         assert list((tmp_path / "bench" / "searches" / fp).glob("teacher-*.safetensors"))
+    # another seed in the same folder: its own searches (on its own noise), not a refused resume
+    run_searches(a, replace(cfg, seed=1), tmp_path / "bench", meter, measure_step_costs(a.unet))
+    assert list((tmp_path / "bench" / "searches" / f"{weights_fingerprint(a.unet)}-seed1").glob("teacher-*-10001.*"))
 
 
 def test_unipc_rows_join_the_catalogue_when_asked():

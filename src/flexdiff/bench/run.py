@@ -30,6 +30,12 @@ def _conditioning_tag(cfg: BenchConfig) -> str:
     return conditioning_tag(cfg.labels, cfg.guidance, cfg.prompts, cfg.negative_prompt)
 
 
+def _searches_dir(out_dir: Path, fingerprint: str, cfg: BenchConfig) -> Path:
+    """One folder of searches per model, conditioning and seed (the searches' noise follows the bench's seed), so
+    a bench at another seed in the same --out starts its own searches instead of meeting another's state."""
+    return out_dir / "searches" / (f"{fingerprint}{_conditioning_tag(cfg)}" + (f"-seed{cfg.seed}" if cfg.seed else ""))
+
+
 def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
     blob = json.dumps([fingerprint, method.schedule.key(), cfg.samples, cfg.seed, cfg.batch_size]
                       + ([list(cfg.labels), cfg.guidance] if cfg.labels else [])
@@ -55,7 +61,7 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
     found, seconds = [], {}
     # one folder per model and conditioning: a bench rerun on another model (or with other labels)
     # starts its own searches, and never reuses another model's cached teacher
-    base = out_dir / "searches" / f"{fingerprint}{_conditioning_tag(cfg)}"
+    base = _searches_dir(out_dir, fingerprint, cfg)
     relative = isinstance(meter, PixelMeter)  # no real data: every search scores the distance to the teacher
     metrics = ("distance",) if relative else cfg.flexiffusion_metrics
     for budget in cfg.search_budgets:
@@ -145,7 +151,7 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
                                 eval_samples=cfg.search_eval_samples, metric=default_metric(meter), seed=cfg.seed,
                                 teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance,
                                 prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
-            base = out_dir / "searches" / f"{fp}{_conditioning_tag(cfg)}"
+            base = _searches_dir(out_dir, fp, cfg)
             result = search_from_settings(mix, meter, space, scfg, base / f"composed-{scfg.metric}-{speedup:g}x", progress=progress,
                                           teacher_cache=base, costs=costs, model_fingerprint=fp).run()
             label = m.name.split(" (DDIM")[0]
