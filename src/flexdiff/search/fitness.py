@@ -80,13 +80,18 @@ class Fitness:
 
     def score(self, feats: np.ndarray, metric: str | None = None) -> float:
         """The fitness of features drawn on the evaluation noise (by this fitness's metric, or `metric`)."""
+        from threadpoolctl import threadpool_limits
+
         metric = metric or self.metric
-        if metric == "fid":
-            return self.meter.quality(feats)
-        z, zt = self.meter.standardised(feats), self.meter.standardised(self.teacher)
-        if metric == "rfid":
-            return fid(z, zt)
-        return float(np.linalg.norm(z - zt, axis=1).mean())
+        # one BLAS thread: a Ray worker (Ray sets one OpenMP thread) and the driver then sum in the same order
+        # and score bit-identically, so a parallel search equals a serial one under FID-type fitnesses too
+        with threadpool_limits(limits=1):
+            if metric == "fid":
+                return self.meter.quality(feats)
+            z, zt = self.meter.standardised(feats), self.meter.standardised(self.teacher)
+            if metric == "rfid":
+                return fid(z, zt)
+            return float(np.linalg.norm(z - zt, axis=1).mean())
 
     def __call__(self, schedule: Schedule) -> tuple[float, float]:
         """(fitness, seconds spent evaluating)."""
