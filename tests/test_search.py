@@ -205,6 +205,11 @@ def test_proxy_candidates_from_a_search_span_its_fitness_ranks_within_its_budget
     (tmp_path / "s" / "search_state.json").write_text(json.dumps(state))
     with pytest.raises(FlexdiffError, match="another model"):
         search_candidates(tmp_path / "s", 5, "def")
+    broken = json.loads(json.dumps(state))
+    next(iter(broken["evaluated"].values())).pop("genome")
+    (tmp_path / "s" / "search_state.json").write_text(json.dumps(broken))
+    with pytest.raises(FlexdiffError, match="damaged search state"):
+        search_candidates(tmp_path / "s", 50, "abc")  # every candidate asked for, the broken one included
     del state["identity"]["space"]
     (tmp_path / "s" / "search_state.json").write_text(json.dumps(state))
     with pytest.raises(FlexdiffError, match="damaged search state"):

@@ -58,7 +58,10 @@ def search_candidates(folder: Path, n: int, model_fingerprint: str) -> list[Sche
     if len(scored) < 3:
         raise FlexdiffError(f"--from-search {folder}: {len(scored)} scored candidates there; need at least 3")
     ranks = sorted({int(i) for i in np.linspace(0, len(scored) - 1, min(n, len(scored))).round()})
-    return [space.to_schedule(scored[i][1]["genome"]) for i in ranks]
+    try:
+        return [space.to_schedule(scored[i][1]["genome"]) for i in ranks]
+    except (KeyError, TypeError, IndexError) as e:
+        raise FlexdiffError(f"{path}: damaged search state (a scored candidate's genome: {e!r})") from None
 
 
 def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidates: int = 24,

@@ -86,12 +86,8 @@ class SegmentSpace:
 
     def budget_seeds(self, costs: StepCosts, budget: float) -> list[Genome]:
         """"Use fewer steps": at each end timestep, the plain sampler with the most steps the budget allows."""
-        out = []
-        for e in self._ends():
-            fits = [g for g in self.plain() if g["end"] == e and costs.schedule_macs(self.to_schedule(g)) <= budget]
-            if fits:
-                out.append(max(fits, key=lambda g: g["T"]))
-        return out
+        fits = [g for g in self.plain() if costs.schedule_macs(self.to_schedule(g)) <= budget]
+        return [max(at, key=lambda g: g["T"]) for e in self._ends() if (at := [g for g in fits if g["end"] == e])]
 
     def seeds(self) -> list[Genome]:
         """The initial population's hand-made members: plain samplers, then DeepCache-like uniform schedules."""
