@@ -264,3 +264,12 @@ def test_a_mixture_saved_by_flexdiff_loads_and_its_experts_are_checked(tiny_mode
     man = json.loads((mix / "mixture.json").read_text())
     assert all(len(e["weights"]) == 16 for e in man["experts"])
     assert len(load_model(mix).unet.experts) == 2
+
+
+@pytest.mark.parametrize("verb", ["sample", "evaluate", "train", "train-classifier", "search", "proxy-study", "bench",
+                                  "intervals", "experts", "metric-study"])
+def test_a_negative_seed_is_refused_by_its_option(verb, tmp_path):
+    """numpy refuses negative seeds deep inside a run (a traceback after the set-up); the option refuses them first."""
+    result = CliRunner().invoke(app, [verb, "--seed", "-1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--seed" in result.output and not (tmp_path / "out").exists()

@@ -35,7 +35,7 @@ def bench(
     model: Optional[Path] = ModelOpt,
     preset: str = typer.Option("quick", help="quick (the README's main job, about 30 minutes), full (docs/bench.md) or search (docs/search.md: the searches at 1/8, 1/16, 1/25 against the solvers)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Override the preset's samples per method."),
-    seed: int = typer.Option(0, help="Seed of the shared initial noise."),
+    seed: int = typer.Option(0, min=0, help="Seed of the shared initial noise."),
     teacher_steps: Optional[int] = typer.Option(None, min=1, help="Teacher DDIM steps (preset: 100)."),
     ddim_steps: Optional[str] = typer.Option(None, help="DDIM step counts, e.g. 5,10,20,50."),
     dpm_steps: Optional[str] = typer.Option(None, help="DPM-Solver++ step counts, e.g. 5,10,20."),

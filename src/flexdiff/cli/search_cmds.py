@@ -48,7 +48,7 @@ def search(
     generations: int = typer.Option(10, min=0),
     eval_samples: int = typer.Option(256, min=8, help="Samples per candidate, on fixed evaluation noise."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Fitness: rfid (FID to the teacher's samples; the default), distance (per-sample, to the teacher; the default without real data) or fid (quality vs real data: FID, or on the digits the class-balanced distance)."),
-    seed: int = typer.Option(0, help="Seed of the search and of the evaluation noise."),
+    seed: int = typer.Option(0, min=0, help="Seed of the search and of the evaluation noise."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
     prompt: Optional[list[str]] = PromptOpt,
@@ -124,7 +124,7 @@ def proxy_study_cmd(
     from_search: Optional[Path] = typer.Option(None, "--from-search", help="Rank the candidates a search scored (its --out folder), at evenly spaced ranks of its fitness: the proxy within one budget."),
     eval_samples: int = typer.Option(256, min=8, help="Samples for the proxies (as in the search)."),
     fid_samples: int = typer.Option(1000, min=8, help="Samples for the real FID of each candidate."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """How well do rFID and the per-sample distance rank candidates against the real FID (Spearman), and how much faster are they?"""
