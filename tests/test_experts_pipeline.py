@@ -1,6 +1,7 @@
 """The `flexdiff experts` pipeline end to end on the shipped default model (tiny settings), and its CLI."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -44,6 +45,17 @@ def test_small_pipeline_on_the_default_model_stage_by_stage(tmp_path):
     info = json.loads((pruned / "pruning.json").read_text())
     assert info["steps"] == 2 * (2 + 2)  # the experts' total fine-tuning steps
     assert not isinstance(load_model(pruned).unet, Mixture)
+    # a finished mixture or baseline is not handed back for other fine-tuning settings
+    longer = ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**{**SMALL, "final_steps": 3}))
+    for build in (longer.final, lambda: uniform_experts(longer), lambda: pruned_baseline(longer)):
+        with pytest.raises(FlexdiffError, match="other settings"):
+            build()
+    assert pruned_baseline(pipe) == pruned  # the same settings still resume
+    shutil.rmtree(out)  # the mixture made again with the longer tuning: the old pruned model is still refused
+    shutil.rmtree(tmp_path / "exp" / "budget-0.6" / "final")
+    assert longer.final() == out
+    with pytest.raises(FlexdiffError, match="pruned-training.*other settings"):
+        pruned_baseline(longer)
 
 
 def test_stage_folders_refuse_other_settings(tmp_path):

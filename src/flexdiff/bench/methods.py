@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..configs import Config
 from ..errors import FlexdiffError
+from ..experts.config import ExpertsConfig
 from ..schedule import Schedule
 
 
@@ -111,4 +112,6 @@ def config_from_options(preset: str, **overrides) -> BenchConfig:
     if any(v <= 1 for v in overrides.get("composed_speedups") or ()):
         raise FlexdiffError(f"--composed {','.join(map(str, overrides['composed_speedups']))}: each is a speed-up "
                             "against the teacher's MACs, above 1 (e.g. 20)")
-    return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    ExpertsConfig.from_dict(dict(cfg.expert_settings), "the expert settings")  # refused now, not after the searches
+    return cfg

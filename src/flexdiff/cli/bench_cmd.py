@@ -50,6 +50,8 @@ def bench(
     autodiffusion: Optional[bool] = typer.Option(None, "--autodiffusion/--no-autodiffusion", help="Also run the AutoDiffusion-style peer search."),
     mixture: list[Path] = typer.Option([], "--mixture", help="Mixture-of-experts folders to include (repeatable); 'default' is the shipped one."),
     expert_budgets: Optional[str] = typer.Option(None, help="Build mixtures of experts at these budgets (fractions of the teacher's MACs, e.g. 0.5,0.4) with their baselines, or 'none'."),
+    expert_final_steps: Optional[int] = typer.Option(None, "--expert-final-steps", min=1, help="Fine-tuning steps per extracted expert (default 400); the baselines get as many."),
+    expert_budget_kind: Optional[str] = typer.Option(None, "--expert-budget-kind", help="What the expert budgets count: macs (default) or latency (measured once on this machine)."),
     composed: Optional[str] = typer.Option(None, "--composed", help="Search a schedule over each mixture at these speed-ups against the original teacher (e.g. 20), or 'none'."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
@@ -81,6 +83,8 @@ def bench(
         search_generations=search_generations, search_population=search_population,
         search_eval_samples=search_eval_samples, autodiffusion=autodiffusion,
         mixtures=tuple(str(p) for p in mixture) or None,
+        expert_settings=tuple((k, v) for k, v in (("final_steps", expert_final_steps),
+                                                  ("budget_kind", expert_budget_kind)) if v is not None) or None,
     )
     check_folder_target(out)
     loaded = load_model(model)

@@ -54,7 +54,11 @@ def pruned_baseline(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
     """Diff-Pruning-style: one model for all timesteps, Taylor channel importance, same MACs, same steps."""
     budget = pipe.cfg.budget if budget is None else budget
     target = pipe.budget_dir(budget) / "pruned"
-    if (target / "pruning.json").exists():  # written last: the folder is complete
+    folder = pipe.budget_dir(budget) / "pruned-training"
+    if (target / "pruning.json").exists():  # written last: the folder is complete, if made with these settings
+        mix = read_json(pipe.final(budget) / "mixture.json", "the mixture manifest")
+        steps = len(mix["steps_served"]) * (pipe.cfg.elastic_steps + pipe.cfg.final_steps)
+        guard(folder, {**pipe.identity, **pipe.cfg.stage_settings("final"), "steps": steps}, only_these=True)
         return target
     mix = read_json(pipe.final(budget) / "mixture.json", "the mixture manifest")
     served = mix["steps_served"]
@@ -67,7 +71,6 @@ def pruned_baseline(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
     spec = uniform_specs(pipe, elastic, run, served)
     model = elastic.extract(spec)
     steps = len(served) * (pipe.cfg.elastic_steps + pipe.cfg.final_steps)  # the experts' total
-    folder = pipe.budget_dir(budget) / "pruned-training"
     folder.mkdir(parents=True, exist_ok=True)
     guard(folder, {**pipe.identity, **pipe.cfg.stage_settings("final"), "spec": spec.to_dict(), "steps": steps})
     summary = tune_static(model, all_t, folder / "checkpoint.pt", pipe.tune_config(steps, 1000), pipe.progress,

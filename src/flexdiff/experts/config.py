@@ -71,13 +71,17 @@ class ExpertsConfig(Config):
         return out
 
 
-def guard(folder: Path, settings: dict) -> None:
-    """Remember a stage's settings; refuse to resume a folder made with other ones."""
+def guard(folder: Path, settings: dict, only_these: bool = False) -> None:
+    """Remember a stage's settings; refuse to resume a folder made with other ones.
+
+    `only_these`: compare just the given keys (a finished stage checked without recomputing all of them)."""
     f = folder / "settings.json"
     if f.exists():
         old = read_json(f, "the stage's settings")
         if not isinstance(old, dict):
             raise FlexdiffError(f"{f}: damaged (not a JSON object); delete this stage's folder to start it again")
+        if only_these:
+            old = {k: old.get(k) for k in settings}
         for what in ("model", "data"):
             if what in settings and old.get(what) != settings[what]:
                 raise FlexdiffError(f"{f}: this stage was built from another {what} (fingerprint {old.get(what)}, "
@@ -86,5 +90,5 @@ def guard(folder: Path, settings: dict) -> None:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise FlexdiffError(f"{f}: this stage was run with other settings {diff} (old, new); "
                                 "use another --out folder or delete this stage's folder")
-    else:
+    elif not only_these:
         write_json(f, settings)

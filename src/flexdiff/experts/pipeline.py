@@ -244,16 +244,17 @@ class ExpertsPipeline:
         budget = self.cfg.budget if budget is None else budget
         cfg = replace(self.cfg, budget=budget)
         target = self.budget_dir(budget) / name
-        if (target / "mixture.json").exists():
-            return target
         iv = self.intervals()
         choice = self.agent(budget)
         if specs is None:
             specs = [SubnetSpec.from_dict(e["spec"]) for e in choice["experts"]]
-        elastics = self.elastic_experts()
         folder = self.budget_dir(budget) / ("final" if name == "mixture" else f"final-{name}")
         folder.mkdir(parents=True, exist_ok=True)
+        # checked before a finished mixture is returned: one tuned for other steps is not this one
         guard(folder, {**self.identity, **cfg.stage_settings("final"), "specs": [s.to_dict() for s in specs]})
+        if (target / "mixture.json").exists():
+            return target
+        elastics = self.elastic_experts()
         experts = [elastic.extract(spec) for spec, elastic in zip(specs, elastics)]
         jobs = [dict(model=experts[k], batches=self.batches(lo, hi), cfg=self.tune_config(self.cfg.final_steps, 100 + k),
                      checkpoint=folder / f"expert_{k}" / "checkpoint.pt", description=f"{name} expert {k} [{lo}, {hi}]")
