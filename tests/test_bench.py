@@ -156,6 +156,9 @@ def test_a_schedule_searched_over_a_mixture_joins_as_a_composed_row(tiny_model_d
     assert composed["model"] == rows["experts"]["model"]  # the schedule runs on the mixture
     assert composed["speedup_macs"] >= 3 - 1e-6 and composed["search_seconds"] > 0  # against the original teacher
     assert "+ Flexiffusion [rfid] ≤1/3" in composed["method"]
+    # scored against the original teacher's run, not the mixture's own
+    state = next((tmp_path / "b" / "searches").glob("*/composed-rfid-3x-vs-teacher/search_state.json"))
+    assert json.loads(state.read_text())["identity"]["reference"] == weights_fingerprint(model.unet)
 
 
 def test_bench_seed_from_the_command_line_reaches_the_bench(tiny_model_dir, tmp_path, monkeypatch):

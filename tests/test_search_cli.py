@@ -87,3 +87,32 @@ def test_search_folder_of_another_model_is_refused(tiny_model_dir, tmp_path):
     assert code == 0, out
     code, out = run("search", "--model", other, "--speedup", 2, "--out", tmp_path / "s", *SMALL)
     assert_user_error(code, out, "a search on another model is stored here")
+
+
+def test_a_search_scored_against_a_reference_model(tiny_model_dir, tmp_path):
+    """A cheaper model searched against its original teacher: the fitness compares with the reference's DDIM run."""
+    from conftest import tiny_unet
+    from flexdiff.fingerprints import weights_fingerprint
+    from flexdiff.metrics import meter_for
+    from flexdiff.models import load_model, save_model
+    from flexdiff.search.fitness import Fitness
+
+    other_dir = save_model(tiny_unet(seed=5), {"num_train_timesteps": 1000}, tmp_path / "other")
+    args = ["search", "--model", other_dir, "--speedup", 2, "--out", tmp_path / "s", *SMALL]
+    code, out = run(*args, "--reference", tiny_model_dir)
+    assert code == 0, out
+    teacher, other = load_model(tiny_model_dir), load_model(other_dir)
+    state = json.loads((tmp_path / "s" / "search_state.json").read_text())
+    assert state["identity"]["reference"] == weights_fingerprint(teacher.unet)
+    best = Schedule.load(tmp_path / "s" / "best.json")
+    meter, ddim100, metric = meter_for(other, None, None), Schedule.full("ddim", 100), best.meta["metric"]
+    reference = Fitness(teacher, meter, ddim100, metric, 8, 10_000, tmp_path / "r").teacher
+    against_reference = Fitness(other, meter, ddim100, metric, 8, 10_000, tmp_path / "r", teacher_features=reference)
+    against_itself = Fitness(other, meter, ddim100, metric, 8, 10_000, tmp_path / "o")
+    assert best.meta["fitness"] == pytest.approx(against_reference(best)[0], rel=1e-5)
+    assert abs(against_itself(best)[0] - best.meta["fitness"]) > 1e-3  # not the model's own teacher
+    # the same folder without the reference is another search: refused, not mixed
+    code, out = run(*args)
+    assert_user_error(code, out, "other settings")
+    code, out = run(*args, "--reference", tmp_path / "nope")
+    assert_user_error(code, out, "--reference", "no such file or folder")

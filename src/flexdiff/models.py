@@ -87,17 +87,18 @@ class LoadedModel:
         return self.parts.prompt_length() if self.has_text else 77
 
 
-def load_model(path: Path | str | None = None) -> LoadedModel:
+def load_model(path: Path | str | None = None, option: str = "--model") -> LoadedModel:
     """Load a UNet2DModel / UNet2DConditionModel from a diffusers folder.
 
     `path` may be a UNet folder (config.json + weights) or a pipeline folder (model_index.json
-    with a `unet/` subfolder and usually `scheduler/`). None means the shipped default.
+    with a `unet/` subfolder and usually `scheduler/`). None means the shipped default. `option`: the
+    command-line option the path came from, named in errors.
     """
     path = default_model_dir() if path is None else Path(path)
     if not path.exists():
-        raise FlexdiffError(f"--model {path}: no such file or folder")
+        raise FlexdiffError(f"{option} {path}: no such file or folder")
     if not path.is_dir():
-        raise FlexdiffError(f"--model {path}: expected a diffusers model folder, got a file")
+        raise FlexdiffError(f"{option} {path}: expected a diffusers model folder, got a file")
     if is_mixture_folder(path):  # a mixture of experts folder (flexdiff experts): one UNet per timestep interval
         mixture, man = load_mixture(path)
         parts = None
@@ -116,12 +117,12 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
             index = read_json_object(path / "model_index.json", "the pipeline index")
             parts = ", ".join(f"{k}: {v[1] if isinstance(v, list) and len(v) > 1 else v}" for k, v in index.items()
                               if not k.startswith("_"))
-            raise FlexdiffError(f"--model {path}: a pipeline folder without a unet/ subfolder ({parts}); flexdiff "
+            raise FlexdiffError(f"{option} {path}: a pipeline folder without a unet/ subfolder ({parts}); flexdiff "
                                 "needs a UNet denoiser (UNet2DModel or UNet2DConditionModel)")
     config_file = unet_dir / "config.json"
     if not config_file.exists():
         raise FlexdiffError(
-            f"--model {path}: not a diffusers model folder (no config.json"
+            f"{option} {path}: not a diffusers model folder (no config.json"
             f"{' in unet/' if unet_dir != path else ' and no model_index.json'})"
         )
     config = read_json_object(config_file, "the UNet config")
@@ -134,7 +135,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
         )
     if not any(unet_dir.glob("*.safetensors")):
         raise FlexdiffError(
-            f"--model {path}: no safetensors weights in {unet_dir} (flexdiff does not unpickle "
+            f"{option} {path}: no safetensors weights in {unet_dir} (flexdiff does not unpickle "
             "*.bin files; convert them with diffusers' save_pretrained(safe_serialization=True))"
         )
     try:
@@ -142,7 +143,7 @@ def load_model(path: Path | str | None = None) -> LoadedModel:
     except FlexdiffError:
         raise
     except Exception as e:  # diffusers raises many kinds for corrupt files
-        raise FlexdiffError(f"--model {path}: cannot load the weights ({first_line(e)})") from None
+        raise FlexdiffError(f"{option} {path}: cannot load the weights ({first_line(e)})") from None
     unet.eval().requires_grad_(False)
     sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
         if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)

@@ -124,9 +124,11 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
 
 
 def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter, mixtures: list[Method],
-                     teacher_macs: float, progress=None) -> tuple[list[Method], dict[str, float]]:
-    """Flexiffusion over each mixture: a schedule searched with the mixture as the model (its own DDIM run is
-    the search's teacher), at `cfg.composed_speedups` against the original teacher's MACs."""
+                     teacher_macs: float, progress=None, fingerprint: str | None = None) -> tuple[list[Method], dict[str, float]]:
+    """Flexiffusion over each mixture: a schedule searched with the mixture as the model, at
+    `cfg.composed_speedups` against the original teacher's MACs. The candidates are scored against the
+    original teacher's DDIM run (what the bench measures), not the mixture's own: the search can then
+    prefer the schedules that undo some of the mixture's error instead of copying it."""
     from ..anatomy import num_branches
     from ..cost import measure_step_costs
     from ..models import load_model
@@ -152,8 +154,10 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
                                 teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance,
                                 prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
             base = _searches_dir(out_dir, fp, cfg)
-            result = search_from_settings(mix, meter, space, scfg, base / f"composed-{scfg.metric}-{speedup:g}x", progress=progress,
-                                          teacher_cache=base, costs=costs, model_fingerprint=fp).run()
+            result = search_from_settings(
+                mix, meter, space, scfg, base / f"composed-{scfg.metric}-{speedup:g}x-vs-teacher", progress=progress,
+                teacher_cache=base, costs=costs, model_fingerprint=fp, reference=model,
+                reference_cache=_searches_dir(out_dir, fingerprint or _model_fingerprint(model), cfg)).run()
             label = m.name.split(" (DDIM")[0]
             name = f"{label} + Flexiffusion [{scfg.metric}] ≤1/{speedup:g} ({result.best.describe().split(' (')[0]})"
             out.append(Method(name, "experts+search", replace(result.best, name=name), m.model))
@@ -174,7 +178,8 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress, fingerprint=fp)
     mixtures = mixture_methods(model, cfg, out_dir, progress, fingerprint=fp)
     composed, composed_seconds = composed_methods(model, cfg, out_dir, meter, [m for m in mixtures if m.family == "experts"],
-                                                  costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps)), progress)
+                                                  costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps)), progress,
+                                                  fingerprint=fp)
     search_seconds.update(composed_seconds)
     methods = cfg.methods(extra, searched) + mixtures + composed
     models = {None: (model, costs, fp)}

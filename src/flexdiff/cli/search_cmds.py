@@ -56,6 +56,7 @@ def search(
     negative_prompt: Optional[str] = NegativeOpt,
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images, for --metric fid on a model that is not the digits default."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid Inception weights file (with --real-data)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Score against this model's DDIM run instead of the searched model's own: the original teacher of a mixture of experts or a pruned model."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (of each worker with --workers)."),
     workers: Optional[int] = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
@@ -83,6 +84,7 @@ def search(
         budget = 1 / speedup
     check_sampler(sampler)
     loaded = load_model(model)
+    reference_model = None if reference is None else load_model(reference, "--reference")
     sp = make_space(space, sampler, num_train_timesteps(loaded.scheduler_config), count_branches(loaded.unet),
                     step_choices=steps and parse_ints(steps, "--steps"),
                     length_choices=lengths and parse_ints(lengths, "--lengths"),
@@ -96,7 +98,8 @@ def search(
                        prompts=prompts_for_config(loaded, prompt, prompts, negative_prompt, guidance),
                        negative_prompt=negative_prompt)
     with run_folder(out), progress_bar() as progress:
-        s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress, workers=pool)
+        s = search_from_settings(loaded, meter, sp, cfg, out, progress=progress, workers=pool,
+                                 reference=reference_model)
         result = s.run()
     b = result.best
     console.print(
@@ -107,12 +110,13 @@ def search(
     for f in result.front:
         console.print(f"  front: {f.describe()}  {metric} {f.meta['fitness']:.3f}  {f.meta['speedup_macs']:.2f}x")
     man = getattr(loaded.unet, "manifest", None)
-    if man:  # searching over a mixture: its own DDIM run is the teacher; say what that means for the original
+    if man:  # searching over a mixture: the budget counts its own DDIM run; say what that means for the original
         teacher_steps = cfg.teacher_steps
         original = original_teacher_macs(man, teacher_steps)
-        console.print(f"(the teacher here is the mixture itself with DDIM-{teacher_steps}; against the original "
-                      f"model's DDIM-{teacher_steps} this schedule is {original / b.meta['macs_per_image']:.1f}x cheaper)",
-                      markup=False, highlight=False)
+        scored = "the --reference model's" if reference else "the mixture's own"
+        console.print(f"(the budget here counts the mixture's own DDIM-{teacher_steps}, and the candidates were scored "
+                      f"against {scored}; against the original model's DDIM-{teacher_steps} this schedule is "
+                      f"{original / b.meta['macs_per_image']:.1f}x cheaper)", markup=False, highlight=False)
 
 
 @app.command("proxy-study")

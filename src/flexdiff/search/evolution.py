@@ -88,7 +88,7 @@ def _rank_and_crowding(objs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Search:
     def __init__(self, space, costs: StepCosts, teacher_macs: float, fitness: Callable[[Schedule], tuple[float, float]],
                  cfg: SearchConfig, out_dir: Path, progress=None, model_fingerprint: str | None = None,
-                 workers: Workers = SERIAL):
+                 workers: Workers = SERIAL, reference_fingerprint: str | None = None):
         self.space, self.costs, self.fitness, self.cfg = space, costs, fitness, cfg
         self.workers = workers  # not part of the identity: a parallel run resumes a serial one and vice versa
         self.teacher_macs = teacher_macs
@@ -102,6 +102,8 @@ class Search:
         self.identity = dict(config=config, space=space.to_dict())
         if model_fingerprint is not None:  # what the search runs on, not only its settings
             self.identity["model"] = model_fingerprint
+        if reference_fingerprint is not None:  # scored against another model's teacher run (left out otherwise)
+            self.identity["reference"] = reference_fingerprint
 
     # --- state --------------------------------------------------------------------------
     def _fresh_state(self) -> dict:
@@ -317,11 +319,14 @@ class Search:
 def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, progress=None,
                          batch_size: int = 256, teacher_cache: Path | None = None,
                          costs: StepCosts | None = None, model_fingerprint: str | None = None,
-                         workers: Workers = SERIAL) -> Search:
+                         workers: Workers = SERIAL, reference=None, reference_cache: Path | None = None) -> Search:
     """Wire a search to a model: step costs and weights fingerprint (computed unless given), the teacher, the
     fitness on fixed noise.
 
-    The settings are checked before the teacher's samples are drawn, the slow part of the set-up."""
+    `reference`: another model (the original teacher of a pruned model or a mixture of experts) whose DDIM run
+    the candidates are scored against, drawn on the same noise (its features kept in `reference_cache`);
+    by default the searched model's own DDIM run is the teacher. The settings are checked before the
+    teacher's samples are drawn, the slow part of the set-up."""
     from ..cost import measure_step_costs
     from .fitness import Fitness
 
@@ -335,16 +340,32 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
 
     teacher = Schedule.full("ddim", cfg.teacher_steps)
     out_dir = Path(out_dir)
+    if reference is not None:
+        if cfg.metric == "fid":
+            raise FlexdiffError("--metric fid scores against the real data, not a reference model's samples; "
+                                "use rfid or distance with a reference")
+        def shape(m):
+            return m.unet.config.in_channels, m.unet.config.sample_size
+
+        ref_shape = shape(reference)
+        if ref_shape != shape(model):
+            raise FlexdiffError(f"the reference model {reference.path} makes samples of another shape "
+                                f"({ref_shape[0]} channels at {ref_shape[1]}) than the searched one")
     search = Search(space, costs, costs.schedule_macs(teacher), None, cfg, out_dir, progress,
-                    model_fingerprint=model_fingerprint or weights_fingerprint(model.unet), workers=workers)
+                    model_fingerprint=model_fingerprint or weights_fingerprint(model.unet), workers=workers,
+                    reference_fingerprint=None if reference is None else weights_fingerprint(reference.unet))
     # refused before the teacher runs (the slow part): an impossible budget, a damaged or foreign state
     search._initial(np.random.default_rng(cfg.seed))
     search._load_state()
     out_dir.mkdir(parents=True, exist_ok=True)
+    common = dict(batch_size=batch_size, progress=progress, labels=cfg.labels, guidance=cfg.guidance,
+                  prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
+    reference_features = None
+    if reference is not None:  # the reference's teacher run on the search's noise (the same seed and conditioning)
+        reference_features = Fitness(reference, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
+                                     reference_cache or out_dir / "reference", **common).teacher
     search.fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
-                             teacher_cache or out_dir, batch_size=batch_size, progress=progress,
-                             labels=cfg.labels, guidance=cfg.guidance, prompts=cfg.prompts,
-                             negative_prompt=cfg.negative_prompt)
+                             teacher_cache or out_dir, teacher_features=reference_features, **common)
     return search
 
 
