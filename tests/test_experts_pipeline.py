@@ -130,7 +130,7 @@ def test_a_latency_budget_is_met_in_measured_latency_and_resumes(tiny_model_dir,
     run = sum(table[json.dumps(e["spec"], sort_keys=True)] * n for e, n in zip(choice["experts"], served))
     assert run <= cfg.budget * full * sum(served) * (1 + 1e-9)  # the budget holds in the latency it counted
     assert choice["fraction_of_teacher"] <= cfg.budget + 1e-9
-    settings = json.loads((tmp_path / "exp" / "budget-0.95" / "agent" / "settings.json").read_text())
+    settings = json.loads((tmp_path / "exp" / "budget-0.95-latency" / "agent" / "settings.json").read_text())
     assert settings["budget_kind"] == "latency"
     assert set(measured) == {4}
     before = len(measured)
@@ -138,8 +138,12 @@ def test_a_latency_budget_is_met_in_measured_latency_and_resumes(tiny_model_dir,
     assert again.agent() == choice
     again.spec_space(ElasticUNet(model.unet))  # every spec's latency again: read from the table, not re-measured
     assert len(measured) == before
-    with pytest.raises(FlexdiffError, match="other settings"):  # a MACs budget does not resume a latency agent
-        ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**{**SMALL, "budget": 0.95})).agent()
+    # a MACs budget of the same size is another agent, in its own folder beside the latency one
+    by_macs = ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**{**SMALL, "budget": 0.95}))
+    assert by_macs.budget_dir() == tmp_path / "exp" / "budget-0.95"
+    by_macs.agent()
+    assert json.loads((by_macs.budget_dir() / "agent" / "settings.json").read_text()).get("budget_kind") is None
+    assert again.agent() == choice  # still the latency agent's choice
 
 
 def test_an_unknown_budget_kind_is_refused():

@@ -115,7 +115,8 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
         ecfg = ExpertsConfig.from_dict({**dict(cfg.expert_settings), "budget": budget, "num_steps": t})
         pipe = ExpertsPipeline(model, out_dir / "experts" / (fingerprint or _model_fingerprint(model)), ecfg,
                                progress=progress)
-        out += with_schedule(f"mixture of experts ≤{budget:g}", pipe.final(budget))
+        kind = "" if ecfg.budget_kind == "macs" else f" of the {ecfg.budget_kind}"
+        out += with_schedule(f"mixture of experts ≤{budget:g}{kind}", pipe.final(budget))
         out.append(Method(f"uniform-width experts ≈{budget:g} (DDIM-{t})", "experts-uniform", full,
                           str(uniform_experts(pipe, budget))))
         out.append(Method(f"Diff-Pruning single model ≈{budget:g} (DDIM-{t})", "diff-pruning", full,

@@ -83,7 +83,9 @@ class ExpertsPipeline:
 
     # ---- paths
     def budget_dir(self, budget: float | None = None) -> Path:
-        return self.out / f"budget-{(budget if budget is not None else self.cfg.budget):g}"
+        # a latency budget gets its own folder: the MACs and the latency mixture at one budget side by side
+        kind = "" if self.cfg.budget_kind == "macs" else f"-{self.cfg.budget_kind}"
+        return self.out / f"budget-{(budget if budget is not None else self.cfg.budget):g}{kind}"
 
     # ---- stage 1
     def intervals(self) -> Intervals:
