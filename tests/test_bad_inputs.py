@@ -70,6 +70,8 @@ CASES += [
     (["search", "--model", "{model}", "--out", "{out}", "--speedup", "1000", "--steps", "20", "--lengths", "1,2"],
      "no schedule in the search space fits"),
     (["search", "--model", "{model}", "--out", "{out}", "--speedup", "2", "--metric", "psnr"], "--metric 'psnr'"),
+    (["search", "--model", "{model}", "--out", "{out}", "--speedup", "2", "--reference", "{file}"],
+     "error: --reference"),
     (["bench", "--model", "{model}", "--expert-budget-kind", "watts", "--out", "{out}"], "--budget-kind 'watts'"),
     (["experts", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),
     (["intervals", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),

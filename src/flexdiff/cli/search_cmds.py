@@ -56,7 +56,7 @@ def search(
     negative_prompt: Optional[str] = NegativeOpt,
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images, for --metric fid on a model that is not the digits default."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid Inception weights file (with --real-data)."),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Score against this model's DDIM run instead of the searched model's own: the original teacher of a mixture of experts or a pruned model."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Score against this model's DDIM run instead of the searched model's own: the original teacher of a mixture of experts or a pruned model ('default': the shipped model)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (of each worker with --workers)."),
     workers: Optional[int] = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
@@ -84,6 +84,10 @@ def search(
         budget = 1 / speedup
     check_sampler(sampler)
     loaded = load_model(model)
+    if reference is not None and str(reference) == "default":
+        from ..models import default_model_dir
+
+        reference = default_model_dir()
     reference_model = None if reference is None else load_model(reference, "--reference")
     sp = make_space(space, sampler, num_train_timesteps(loaded.scheduler_config), count_branches(loaded.unet),
                     step_choices=steps and parse_ints(steps, "--steps"),
