@@ -1,6 +1,6 @@
 """Evolutionary search over schedules: seeded, budget-constrained, cached, resumable.
 
-Single objective: minimise the fitness (per-sample distance to the teacher by default) under a MACs budget; candidates over
+Single objective: minimise the fitness (rFID to the teacher's samples by default) under a MACs budget; candidates over
 the budget are repaired (see the space's `repair`). Pareto mode: NSGA-II selection (non-
 dominated sorting and crowding distance from pymoo) on (fitness, MACs), returning the front.
 After every generation the whole state (population, RNG, scored candidates, history) is
@@ -316,57 +316,4 @@ class Search:
                             seconds=state["seconds"])
 
 
-def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, progress=None,
-                         batch_size: int = 256, teacher_cache: Path | None = None,
-                         costs: StepCosts | None = None, model_fingerprint: str | None = None,
-                         workers: Workers = SERIAL, reference=None, reference_cache: Path | None = None) -> Search:
-    """Wire a search to a model: step costs and weights fingerprint (computed unless given), the teacher, the
-    fitness on fixed noise.
-
-    `reference`: another model (the original teacher of a pruned model or a mixture of experts) whose DDIM run
-    the candidates are scored against, drawn on the same noise (its features kept in `reference_cache`);
-    by default the searched model's own DDIM run is the teacher. The settings are checked before the
-    teacher's samples are drawn, the slow part of the set-up."""
-    from ..cost import measure_step_costs
-    from .fitness import Fitness
-
-    costs = costs or measure_step_costs(model.unet, guidance=cfg.guidance != 1.0,
-                                        cross_attention_len=getattr(model, "cross_attention_len", 77))
-    space.validate(len(costs.partial))
-    if getattr(meter, "name", None) == "pixels" and cfg.metric != "distance":
-        raise FlexdiffError(f"--metric {cfg.metric}: without real images (--real-data) this model is scored against "
-                            "the teacher only; use --metric distance")
-    from ..fingerprints import weights_fingerprint
-
-    teacher = Schedule.full("ddim", cfg.teacher_steps)
-    out_dir = Path(out_dir)
-    if reference is not None:
-        if cfg.metric == "fid":
-            raise FlexdiffError("--metric fid scores against the real data, not a reference model's samples; "
-                                "use rfid or distance with a reference")
-        def shape(m):
-            return m.unet.config.in_channels, m.unet.config.sample_size
-
-        ref_shape = shape(reference)
-        if ref_shape != shape(model):
-            raise FlexdiffError(f"the reference model {reference.path} makes samples of another shape "
-                                f"({ref_shape[0]} channels at {ref_shape[1]}) than the searched one")
-    search = Search(space, costs, costs.schedule_macs(teacher), None, cfg, out_dir, progress,
-                    model_fingerprint=model_fingerprint or weights_fingerprint(model.unet), workers=workers,
-                    reference_fingerprint=None if reference is None else weights_fingerprint(reference.unet))
-    # refused before the teacher runs (the slow part): an impossible budget, a damaged or foreign state
-    search._initial(np.random.default_rng(cfg.seed))
-    search._load_state()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common = dict(batch_size=batch_size, progress=progress, labels=cfg.labels, guidance=cfg.guidance,
-                  prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
-    reference_features = None
-    if reference is not None:  # the reference's teacher run on the search's noise (the same seed and conditioning)
-        reference_features = Fitness(reference, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
-                                     reference_cache or out_dir / "reference", **common).teacher
-    search.fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
-                             teacher_cache or out_dir, teacher_features=reference_features, **common)
-    return search
-
-
-__all__ = ["Search", "SearchConfig", "SearchResult", "search_from_settings"]
+__all__ = ["Search", "SearchConfig", "SearchResult"]
