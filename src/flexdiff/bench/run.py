@@ -109,7 +109,9 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
         if name == "default" and Path(model.path).resolve() != default_model_dir().resolve():
             continue  # the shipped mixture was pruned from the shipped model: it is no peer of another model
         path = default_mixture_dir() if name == "default" else Path(name)
-        label = "mixture of experts (shipped)" if name == "default" else f"mixture {path.name}"
+        # a folder the experts pipeline wrote is always called "mixture": name it with its budget folder
+        shown = f"{path.parent.name}/{path.name}" if path.name == "mixture" else path.name
+        label = "mixture of experts (shipped)" if name == "default" else f"mixture {shown}"
         out += with_schedule(label, path)
     for budget in cfg.expert_budgets:
         ecfg = ExpertsConfig.from_dict({**dict(cfg.expert_settings), "budget": budget, "num_steps": t})
