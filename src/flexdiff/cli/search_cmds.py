@@ -84,11 +84,8 @@ def search(
         budget = 1 / speedup
     check_sampler(sampler)
     loaded = load_model(model)
-    if reference is not None and str(reference) == "default":
-        from ..models import default_model_dir
-
-        reference = default_model_dir()
-    reference_model = None if reference is None else load_model(reference, "--reference")
+    reference_model = None if reference is None else \
+        load_model(None if str(reference) == "default" else reference, "--reference")  # None: the shipped model
     sp = make_space(space, sampler, num_train_timesteps(loaded.scheduler_config), count_branches(loaded.unet),
                     step_choices=steps and parse_ints(steps, "--steps"),
                     length_choices=lengths and parse_ints(lengths, "--lengths"),

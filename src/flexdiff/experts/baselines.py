@@ -55,13 +55,15 @@ def pruned_baseline(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
     budget = pipe.cfg.budget if budget is None else budget
     target = pipe.budget_dir(budget) / "pruned"
     folder = pipe.budget_dir(budget) / "pruned-training"
-    if (target / "pruning.json").exists():  # written last: the folder is complete, if made with these settings
-        mix = read_json(pipe.final(budget) / "mixture.json", "the mixture manifest")
-        steps = len(mix["steps_served"]) * (pipe.cfg.elastic_steps + pipe.cfg.final_steps)
-        guard(folder, {**pipe.identity, **pipe.cfg.stage_settings("final"), "steps": steps}, only_these=True)
-        return target
     mix = read_json(pipe.final(budget) / "mixture.json", "the mixture manifest")
     served = mix["steps_served"]
+    steps = len(served) * (pipe.cfg.elastic_steps + pipe.cfg.final_steps)  # the experts' total
+    settings = {**pipe.identity, **pipe.cfg.stage_settings("final"), "steps": steps}
+    folder.mkdir(parents=True, exist_ok=True)
+    if (target / "pruning.json").exists():  # written last: the folder is complete, but maybe for other settings
+        done = read_json(target / "pruning.json", "the pruned model's record")
+        guard(folder, {**settings, "spec": done.get("spec")})
+        return target
     run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
     T = num_train_timesteps(pipe.model.scheduler_config)
     elastic = ElasticUNet(copy.deepcopy(pipe.teacher))
@@ -70,9 +72,7 @@ def pruned_baseline(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
                                       seed=pipe.cfg.seed))
     spec = uniform_specs(pipe, elastic, run, served)
     model = elastic.extract(spec)
-    steps = len(served) * (pipe.cfg.elastic_steps + pipe.cfg.final_steps)  # the experts' total
-    folder.mkdir(parents=True, exist_ok=True)
-    guard(folder, {**pipe.identity, **pipe.cfg.stage_settings("final"), "spec": spec.to_dict(), "steps": steps})
+    guard(folder, {**settings, "spec": spec.to_dict()})
     summary = tune_static(model, all_t, folder / "checkpoint.pt", pipe.tune_config(steps, 1000), pipe.progress,
                           "Diff-Pruning baseline")
 

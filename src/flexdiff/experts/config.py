@@ -71,17 +71,13 @@ class ExpertsConfig(Config):
         return out
 
 
-def guard(folder: Path, settings: dict, only_these: bool = False) -> None:
-    """Remember a stage's settings; refuse to resume a folder made with other ones.
-
-    `only_these`: compare just the given keys (a finished stage checked without recomputing all of them)."""
+def guard(folder: Path, settings: dict) -> None:
+    """Remember a stage's settings; refuse to resume a folder made with other ones."""
     f = folder / "settings.json"
     if f.exists():
         old = read_json(f, "the stage's settings")
         if not isinstance(old, dict):
             raise FlexdiffError(f"{f}: damaged (not a JSON object); delete this stage's folder to start it again")
-        if only_these:
-            old = {k: old.get(k) for k in settings}
         for what in ("model", "data"):
             if what in settings and old.get(what) != settings[what]:
                 raise FlexdiffError(f"{f}: this stage was built from another {what} (fingerprint {old.get(what)}, "
@@ -90,5 +86,5 @@ def guard(folder: Path, settings: dict, only_these: bool = False) -> None:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             raise FlexdiffError(f"{f}: this stage was run with other settings {diff} (old, new); "
                                 "use another --out folder or delete this stage's folder")
-    elif not only_these:
+    else:
         write_json(f, settings)

@@ -41,11 +41,8 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
         if cfg.metric == "fid":
             raise FlexdiffError("--metric fid scores against the real data, not a reference model's samples; "
                                 "use rfid or distance with a reference")
-        def shape(m):
-            return m.unet.config.in_channels, m.unet.config.sample_size
-
-        ref_shape = shape(reference)
-        if ref_shape != shape(model):
+        ref_shape, own_shape = ((m.unet.config.in_channels, m.unet.config.sample_size) for m in (reference, model))
+        if ref_shape != own_shape:
             raise FlexdiffError(f"the reference model {reference.path} makes samples of another shape "
                                 f"({ref_shape[0]} channels at {ref_shape[1]}) than the searched one")
     search = Search(space, costs, costs.schedule_macs(teacher), None, cfg, out_dir, progress,
