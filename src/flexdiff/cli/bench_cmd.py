@@ -50,7 +50,7 @@ def bench(
     autodiffusion: Optional[bool] = typer.Option(None, "--autodiffusion/--no-autodiffusion", help="Also run the AutoDiffusion-style peer search."),
     mixture: list[Path] = typer.Option([], "--mixture", help="Mixture-of-experts folders to include (repeatable); 'default' is the shipped one."),
     expert_budgets: Optional[str] = typer.Option(None, help="Build mixtures of experts at these budgets (fractions of the teacher's MACs, e.g. 0.5,0.4) with their baselines, or 'none'."),
-    expert_final_steps: Optional[int] = typer.Option(None, "--expert-final-steps", min=1, help="Fine-tuning steps per extracted expert (default 400); the baselines get as many."),
+    expert_final_steps: Optional[int] = typer.Option(None, "--expert-final-steps", min=1, help="Fine-tuning steps per extracted expert (default 1200); the baselines get as many."),
     expert_budget_kind: Optional[str] = typer.Option(None, "--expert-budget-kind", help="What the expert budgets count: macs (default) or latency (measured once on this machine)."),
     composed: Optional[str] = typer.Option(None, "--composed", help="Search a schedule over each mixture at these speed-ups against the original teacher (e.g. 20), or 'none'."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),

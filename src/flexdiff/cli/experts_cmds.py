@@ -73,7 +73,7 @@ def experts_cmd(
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Number of intervals (default: knee rule)."),
     elastic_steps: int = typer.Option(200, min=1, help="Sandwich-rule steps per elastic expert."),
     agent_steps: int = typer.Option(150, min=1, help="Routing agent steps."),
-    final_steps: int = typer.Option(400, min=1, help="Fine-tuning steps per extracted expert."),
+    final_steps: int = typer.Option(1200, min=1, help="Fine-tuning steps per extracted expert."),
     batch_size: int = typer.Option(64, min=1),
     seed: int = typer.Option(0, min=0),
     baselines: bool = typer.Option(False, "--baselines", help="Also build the Diff-Pruning single model and the uniform-width experts at the same MACs."),

@@ -29,7 +29,7 @@ class ExpertsConfig(Config):
     importance_batches: int = 8
     elastic_steps: int = 200
     agent_steps: int = 150
-    final_steps: int = 400
+    final_steps: int = 1200  # 400 left the mixture outside the teacher's interval (docs/experts.md)
     batch_size: int = 64
     lr: float = 5e-4
     distill: float = 1.0
