@@ -55,6 +55,27 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]["resumed"] is True
 
 
+def test_rows_timed_under_other_threads_are_redrawn(tiny_model_dir, tmp_path):
+    # a bench resumed with another thread count must not put old timings beside new ones in one table
+    import torch
+
+    model = load_model(tiny_model_dir)
+    meter = QualityMeter.for_model((1, 16, 16), n_boot=20)
+    cfg = BenchConfig(samples=8, batch_size=8, teacher_steps=4, ddim_steps=(2,), dpm_steps=(), deepcache_intervals=(),
+                      deepcache_nonuniform=())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = run_bench(model, cfg, tmp_path / "b", meter)
+        assert not any(r["resumed"] for r in first["rows"])
+        assert all(r["resumed"] for r in run_bench(model, cfg, tmp_path / "b", meter)["rows"])
+        torch.set_num_threads(2)
+        other = run_bench(model, cfg, tmp_path / "b", meter)
+        assert not any(r["resumed"] for r in other["rows"]) and other["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bench_builds_mixtures_with_their_baselines(tiny_model_dir, tmp_path):
     from dataclasses import replace
 

@@ -44,6 +44,15 @@ def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def timing_context() -> torch.Tensor:
+    """What a cached row's wall-clock was measured on (host, CPU, torch threads), as 8 bytes: a row timed
+    under another context is redrawn, so every wall-clock column of one table comes from one setting."""
+    import platform
+
+    tag = f"{platform.node()}|{platform.machine()}|{platform.processor()}|{torch.get_num_threads()}"
+    return torch.frombuffer(bytearray(hashlib.sha256(tag.encode()).digest()[:8]), dtype=torch.uint8).clone()
+
+
 def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter, costs,
                  progress=None, fingerprint: str | None = None) -> tuple[tuple[tuple[str, Schedule], ...], dict[str, float]]:
     """Flexiffusion (and the AutoDiffusion-style peer) at each budget; each search resumes from its folder.
@@ -205,18 +214,20 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
 
     task = progress.add_task("bench", total=len(methods)) if progress else None
     runs = []
+    timing = timing_context()
     for m in methods:
         m_model, _, m_fp = models[m.model]
         path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"
         stored = load_cache(path)  # a truncated file from a killed run is redrawn
-        if stored is not None and stored.get("images") is not None and "seconds" in stored:
+        if (stored is not None and stored.get("images") is not None and "seconds" in stored
+                and torch.equal(stored.get("timing", torch.empty(0, dtype=torch.uint8)), timing)):
             images, seconds, resumed = stored["images"], float(stored["seconds"]), True
         else:
             r = sample(m_model.unet, m_model.scheduler_config, m.schedule, noise, cfg.batch_size,
                        cond=cond, progress=progress, description=m.name)
             # scored as the images a user sees (a latent model: decoded; the decoder's time is not the method's)
             images, seconds, resumed = model.decode(r.images), r.seconds, False
-            save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds)})
+            save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds), "timing": timing})
         runs.append((m, images, seconds, resumed))
         if task is not None:
             progress.update(task, advance=1)
