@@ -86,7 +86,7 @@ class BenchConfig(Config):
 
 
 PRESETS = {
-    # the README's main job (about 25 minutes with one torch thread on the 2-core machine)
+    # the README's main job (about 15 minutes on the 2-core machine)
     "quick": BenchConfig(samples=500, ddim_steps=(10, 20, 50), dpm_steps=(5, 10), unipc_steps=(5, 10),
                          deepcache_intervals=(3, 5), deepcache_branches=(0, 2), deepcache_nonuniform=(5,),
                          search_budgets=(1 / 16,), search_population=12, search_generations=6, search_eval_samples=128,
