@@ -73,6 +73,11 @@ def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
 HEADLINE_LABELS = {"cbfd": "cbFD", "fid": "FID"}
 
 
+def _wall_share(row: dict) -> str:
+    """The wall-clock speed-up as a share of the MACs speed-up: how much of the saving the machine delivers."""
+    return f"{row['speedup_wall'] / row['speedup_macs']:.2f}"
+
+
 def _relative_table(result: dict) -> str:
     """The table of a model without real data: every method against the teacher, same noise and prompts."""
     cfg = result["config"]
@@ -83,15 +88,15 @@ def _relative_table(result: dict) -> str:
         f"method: {cond}); no real data, so quality is measured against the teacher's decoded image from the same "
         f"noise: PSNR and SSIM (higher: closer), RMSE in [-1, 1] units (lower); intervals: 95% (± half-width); "
         f"torch threads: {result['threads']}.", "",
-        "| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | ms/image "
-        "| PSNR to teacher (dB) | SSIM to teacher | RMSE to teacher |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | wall / MACs "
+        "| ms/image | PSNR to teacher (dB) | SSIM to teacher | RMSE to teacher |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         m, c = r["metrics"], r["counts"]
         lines.append(
             f"| {r['method']} | {c['full']}/{c['partial']}/{c['null']} | {r['macs_per_image'] / 1e6:,.0f} "
-            f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {r['ms_per_image']:.1f} "
+            f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {_wall_share(r)} | {r['ms_per_image']:.1f} "
             f"| {_est(m.get('teacher psnr'))} | {_est(m.get('teacher ssim'), 3)} | {_est(m.get('teacher rmse'), 3)} |")
     return "\n".join(lines) + "\n"
 
@@ -112,16 +117,16 @@ def markdown_table(result: dict) -> str:
         + ("; cbFD is the class-balanced Fréchet distance and class TV the class-mix distance of docs/metrics.md"
            if balanced else "") + ".",
         "",
-        f"| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | ms/image "
-        f"| {label} | {label} − teacher (paired) |" + (" class TV |" if balanced else "")
+        f"| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | wall / MACs "
+        f"| ms/image | {label} | {label} − teacher (paired) |" + (" class TV |" if balanced else "")
         + " FID | FID − teacher (paired) | rFID | teacher dist. |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if balanced else "") + "---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if balanced else "") + "---|---|---|---|",
     ]
     for r in result["rows"]:
         m, c = r["metrics"], r["counts"]
         lines.append(
             f"| {r['method']} | {c['full']}/{c['partial']}/{c['null']} | {r['macs_per_image'] / 1e6:,.0f} "
-            f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {r['ms_per_image']:.1f} "
+            f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {_wall_share(r)} | {r['ms_per_image']:.1f} "
             f"| {_est(m[head])} | {_est(m.get(head + '_minus_teacher'))} |"
             + (f" {_est(m.get('class_tv'), 3)} |" if balanced else "")
             + f" {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} "
