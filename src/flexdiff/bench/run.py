@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..cost import measure_step_costs
+from ..cost import measure_step_costs, timing_machine
 from ..fingerprints import conditioning_tag, weights_fingerprint
 from ..io import load_cache, save_safetensors, write_json, write_text
 from ..metrics import QualityMeter
@@ -42,15 +42,6 @@ def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
                       + ([_conditioning_tag(cfg)] if cfg.prompts or cfg.negative_prompt is not None else []),
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def timing_context() -> torch.Tensor:
-    """What a cached row's wall-clock was measured on (host, CPU, torch threads), as 8 bytes: a row timed
-    under another context is redrawn, so every wall-clock column of one table comes from one setting."""
-    import platform
-
-    tag = f"{platform.node()}|{platform.machine()}|{platform.processor()}|{torch.get_num_threads()}"
-    return torch.frombuffer(bytearray(hashlib.sha256(tag.encode()).digest()[:8]), dtype=torch.uint8).clone()
 
 
 def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: QualityMeter, costs,
@@ -214,7 +205,9 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
 
     task = progress.add_task("bench", total=len(methods)) if progress else None
     runs = []
-    timing = timing_context()
+    # what each row's wall-clock was measured on: a row timed on another host or thread count is redrawn,
+    # so one table's wall-clock column never mixes settings
+    timing = torch.tensor(list(timing_machine().encode()), dtype=torch.uint8)
     for m in methods:
         m_model, _, m_fp = models[m.model]
         path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..cost import count_macs, measure_latency
+from ..cost import count_macs, measure_latency, timing_machine
 from ..errors import FlexdiffError
 from ..fingerprints import data_fingerprint, weights_fingerprint
 from ..io import load_weights, read_json, save_safetensors, write_json
@@ -184,10 +184,8 @@ class ExpertsPipeline:
         """Seconds per image of one call of a sub-network on this machine, measured once and kept in a table
         (`out/latency/`, one per machine, thread count and batch)."""
         import json
-        import platform
 
-        f = self.out / "latency" / (f"{platform.node() or 'host'}-{platform.machine()}-t{torch.get_num_threads()}"
-                                    f"-b{self.cfg.latency_batch}.json")
+        f = self.out / "latency" / f"{timing_machine()}-b{self.cfg.latency_batch}.json"
         if not hasattr(self, "_latency"):
             self._latency = read_json(f, "the latency table") if f.exists() else {}
         key = json.dumps(spec.to_dict(), sort_keys=True)
