@@ -91,8 +91,12 @@ PRESETS = {
                          deepcache_intervals=(3, 5), deepcache_branches=(0, 2), deepcache_nonuniform=(5,),
                          search_budgets=(1 / 16,), search_population=12, search_generations=6, search_eval_samples=128,
                          mixtures=("default",), composed_speedups=(20,)),
-    # the docs' table: about 2 hours on 2 cores (searches, two mixtures with their baselines)
-    "full": BenchConfig(samples=2000, search_budgets=(1 / 16, 1 / 25), expert_budgets=(0.5, 0.4)),
+    # the docs' table (docs/bench.md), every target in one run: the search preset's rows, a mixture built at
+    # 0.5 with its two baselines, and schedules searched over it at 20x and 35x (several hours from scratch)
+    "full": BenchConfig(samples=2000, ddim_steps=(4, 6, 12, 50), dpm_steps=(4, 6, 12, 20), unipc_steps=(4, 6, 12),
+                        deepcache_intervals=(2, 3, 5), deepcache_branches=(0,), deepcache_nonuniform=(),
+                        deepcache_dpm_steps=(20, 25), search_budgets=(1 / 8, 1 / 16, 1 / 25),
+                        expert_budgets=(0.5,), composed_speedups=(20, 35)),
     # the search's table (docs/search.md): every searched budget against the solvers at the step counts
     # those budgets allow (1/8: 12 steps, 1/16: 6, 1/25: 4) and DeepCache over DPM-Solver++
     "search": BenchConfig(samples=2000, ddim_steps=(4, 6, 12, 50), dpm_steps=(4, 6, 12, 20), unipc_steps=(4, 6, 12),
