@@ -92,7 +92,7 @@ PRESETS = {
                          search_budgets=(1 / 16,), search_population=12, search_generations=6, search_eval_samples=128,
                          mixtures=("default",), composed_speedups=(20,)),
     # the docs' table (docs/bench.md), every target in one run: the search preset's rows, a mixture built at
-    # 0.5 with its two baselines, and schedules searched over it at 20x and 35x (several hours from scratch)
+    # 0.5 with its two baselines, and schedules searched over it at 20x and 35x (2 to 2.5 hours from scratch)
     "full": BenchConfig(samples=2000, ddim_steps=(4, 6, 12, 50), dpm_steps=(4, 6, 12, 20), unipc_steps=(4, 6, 12),
                         deepcache_intervals=(2, 3, 5), deepcache_branches=(0,), deepcache_nonuniform=(),
                         deepcache_dpm_steps=(20, 25), search_budgets=(1 / 8, 1 / 16, 1 / 25),
