@@ -29,3 +29,13 @@ def test_guidance_doubles_cost(cond_unet):
     plain, guided = measure_step_costs(cond_unet), measure_step_costs(cond_unet, guidance=True)
     s = Schedule("ddim", (FULL, partial(0), NULL))
     assert guided.schedule_macs(s) == 2 * plain.schedule_macs(s)
+
+
+def test_latency_is_measured_without_autograd(unet):
+    # a timed forward that records a graph measures autograd's bookkeeping too, not the network
+    from flexdiff.cost import measure_latency
+
+    grad_seen = []
+    unet.register_forward_hook(lambda *_: grad_seen.append(torch.is_grad_enabled()))
+    assert measure_latency(unet, batch=2, repeats=1) > 0
+    assert grad_seen and not any(grad_seen)

@@ -58,7 +58,6 @@ def _example_inputs(unet, cross_attention_len: int = 77):
     return x, torch.tensor([500]), kwargs
 
 
-@torch.no_grad()
 def timing_machine() -> str:
     """The host and torch thread count a wall-clock measurement belongs to (timings compare only within one)."""
     import platform
@@ -66,6 +65,7 @@ def timing_machine() -> str:
     return f"{platform.node() or 'host'}-{platform.machine()}-t{torch.get_num_threads()}"
 
 
+@torch.no_grad()
 def measure_latency(unet, batch: int = 250, repeats: int = 5, cross_attention_len: int = 77) -> float:
     """Seconds per image of one forward at `batch` on this machine (median of `repeats`, after a warm-up)."""
     import time
