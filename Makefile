@@ -1,35 +1,29 @@
 # Two commands do all the set-up on a fresh machine (see README):
 #   make bench   - the main job on the embedded default model
 #   make test    - the test suite
-# Each builds .venv itself: torch==2.13.0 (CPU wheel) first, then flexdiff, so pip keeps that torch.
+# Each builds .venv itself (scripts/setup_venv.sh): a torch already installed is kept; otherwise the
+# pinned CPU wheel (torch==2.13.0) on a machine without a GPU, the default CUDA build on one with.
+# TORCH='torch==X' picks another torch, TORCH=keep installs none; WHEELS=DIR installs offline from DIR;
+# CPU_ONLY=1 (CI) checks that no CUDA package came in.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.flexdiff-installed
 RAY_STAMP := $(VENV)/.flexdiff-ray-installed
-FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-# after every install: still the pinned CPU torch, and no CUDA packages pulled in
-CHECK_TORCH = $(BIN)/python -m pip list 2>/dev/null | grep -E '^torch +2\.13\.0' >/dev/null \
-	|| { echo "torch is not 2.13.0 after install" >&2; exit 1; }; \
-	! $(BIN)/python -m pip list 2>/dev/null | grep -i '^nvidia' \
-	|| { echo "CUDA packages were pulled in" >&2; exit 1; }
+SETUP  = PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_venv.sh
 
-.PHONY: setup bench bench-full test clean
+.PHONY: setup bench bench-full test gpu-check clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(FIND_LINKS) torch==2.13.0
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test]'
-	@$(CHECK_TORCH)
+$(STAMP): pyproject.toml scripts/setup_venv.sh
+	$(SETUP) test
 	touch $(STAMP)
 
 # The tests also run the distributed paths, so they install the optional ray extra (make bench does not).
 $(RAY_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q $(FIND_LINKS) -e '.[test,ray]'
-	@$(CHECK_TORCH)
+	$(SETUP) test,ray
 	touch $(RAY_STAMP)
 
 bench: $(STAMP)
@@ -41,6 +35,10 @@ bench-full: $(STAMP)
 test: $(RAY_STAMP)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: the device tests in float16 and bfloat16, then docs/gpu.md (scripts/gpu_check.py).
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py --out docs/gpu.md
 
 clean:
 	rm -rf $(VENV) runs

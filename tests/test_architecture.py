@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flexdiff"
-CORE = ("errors", "io", "fingerprints", "parallel", "conditioning", "pipelines", "schedule", "samplers", "mixture", "anatomy", "engine", "models", "cost",
+CORE = ("errors", "io", "fingerprints", "parallel", "conditioning", "pipelines", "schedule", "samplers", "mixture", "anatomy", "runs", "engine", "models", "cost", "devices",
         "sampling")
 UPPER = ("search", "experts", "bench", "cli")
 

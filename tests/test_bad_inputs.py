@@ -65,6 +65,8 @@ CASES += [
     # settings refused before anything is written
     (["train", "--data", "{images}", "--resolution", "10", "--out", "{out}"], "multiple of 4"),
     (["train", "--lr-schedule", "step", "--out", "{out}"], "--lr-schedule 'step'"),
+    (["train", "--lr", "inf", "--out", "{out}"], "--lr inf: must be a finite number"),
+    (["train", "--lr", "nan", "--out", "{out}"], "--lr nan"),
     (["sample", "--model", "{model}", "--threads", "-1", "--out", "{out}/g.png"], "--threads -1"),
     (["evaluate", "--model", "{model}", "--real-data", "{dir}", "--samples", "4"], "--real-data"),
     (["search", "--model", "{model}", "--out", "{out}", "--speedup", "1000", "--steps", "20", "--lengths", "1,2"],
@@ -76,6 +78,16 @@ CASES += [
     (["experts", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),
     (["intervals", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),
     (["intervals", "--model", "{model}", "--measure", "l2", "--out", "{out}"], "--measure 'l2'"),
+    # where the model runs: a device this machine lacks, an unknown dtype (before anything is read or written)
+    *[([verb, *args, "--device", "cuda", "--out", "{out}" + suffix], "--device cuda")
+      for verb, args, suffix in (("sample", ["--model", "{model}"], "/g.png"), ("search", ["--model", "{model}", "--speedup", "2"], ""),
+                                 ("bench", ["--model", "{model}"], ""), ("metric-study", ["--model", "{model}"], ""))],
+    ([*EVALUATE, "--device", "cuda:3"], "--device cuda:3"),
+    ([*SAMPLE, "--device", "tpu", "--out", "{out}/g.png"], "--device 'tpu': accepted values are auto, cpu, cuda"),
+    (["train", "--dtype", "float16", "--steps", "1", "--out", "{out}"], "--dtype float16: training in float16"),
+    (["train", "--device", "cuda", "--steps", "1", "--out", "{out}"], "--device cuda"),
+    ([*SAMPLE, "--dtype", "float64", "--out", "{out}/g.png"], "--dtype 'float64': accepted values are auto, float32"),
+    (["search", "--model", "{model}", "--speedup", "2", "--dtype", "half", "--out", "{out}"], "--dtype 'half'"),
     # damaged state in an existing --out: refused, and nothing added
     (["train", "--out", "{foreign_checkpoint_run}", "--steps", "1"], "not a flexdiff training checkpoint"),
     (["train", "--out", "{pickled_checkpoint_run}", "--steps", "1"], "cannot read this checkpoint"),

@@ -77,3 +77,36 @@ def test_resume_on_other_data_is_refused(tmp_path):
     train(tiny_unet(), _images(), tmp_path / "d", CFG)
     with pytest.raises(FlexdiffError, match="other data"):
         train(tiny_unet(), _images() * 0.5, tmp_path / "d", CFG)
+
+
+def test_a_diverging_fit_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """One guard in the fitting loop (training, experts, agent): a non-finite loss stops the run with its step,
+    and nothing non-finite is saved; the checkpoint from before stays and resumes."""
+    import pytest
+
+    from flexdiff.errors import FlexdiffError
+    from flexdiff.fit import Fit
+    from flexdiff.io import load_checkpoint
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fit = Fit(tmp_path / "ck.pt", 6, opt, torch.Generator().manual_seed(0), {"model": model}, checkpoint_every=1,
+              what="test run")
+
+    def step_loss(step, gen):
+        x = torch.randn(4, 3, generator=gen)
+        loss = model(x).pow(2).mean() * (float("nan") if step == 3 else 1.0)
+        loss.backward()
+        return loss.item()
+
+    with pytest.raises(FlexdiffError, match=r"test run diverged at step 4: the loss is nan; .*step 3\) is kept"):
+        fit.run(step_loss)
+    ck = load_checkpoint(tmp_path / "ck.pt")
+    assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+    big = torch.optim.SGD(model.parameters(), lr=float("inf"))  # weights that leave the finite numbers
+    fit = Fit(tmp_path / "ck2.pt", 3, big, torch.Generator().manual_seed(0), {"model": model}, checkpoint_every=1,
+              what="test run", clip=None)
+    with pytest.raises(FlexdiffError, match="diverged at step 1: the weights are no longer finite"):
+        fit.run(lambda step, gen: step_loss(0, gen))
+    assert not (tmp_path / "ck2.pt").exists()

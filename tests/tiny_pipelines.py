@@ -139,3 +139,21 @@ IMAGE = dict(sd=(3, 16, 16), sdxl=(3, 16, 16), ldm=(3, 16, 16), ddpm=(3, 32, 32)
 CONDITION = dict(sd=("--prompt", "a cat", "--prompt", "a dog", "--guidance", 2),
                  sdxl=("--prompt", "a cat", "--prompt", "a dog", "--guidance", 2),
                  classcond=("--labels", "0,3", "--guidance", 2), ldm=(), ddpm=())
+
+
+def stable_diffusion_controlnet(folder: Path) -> Path:
+    """Stable Diffusion with a ControlNet made from its UNet (image embedding stride 2, as the tiny VAE's)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    tok, vocab = _tokenizer(folder.parent / f"{folder.name}-tokenizer-files")
+    unet = _cond_unet(32)
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8)).eval()
+    with torch.no_grad():  # from_unet zero-initialises the output convolutions: make the control do something
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0, 0.3)
+    StableDiffusionControlNetPipeline(vae=_vae(), text_encoder=_text_encoder(vocab), tokenizer=tok, unet=unet,
+                                      controlnet=controlnet, scheduler=_scheduler(), safety_checker=None,
+                                      feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder

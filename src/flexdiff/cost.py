@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .devices import placement, synchronize, timing_tag, to_model
 from .engine import StepEngine
 from .mixture import expert_for_step, is_mixture
 from .models import UNet, UNet2DConditionModel
@@ -22,12 +23,13 @@ class StepCosts:
     full: float
     partial: tuple[float, ...]  # index = branch
     guidance_factor: int = 1  # 2 when classifier-free guidance doubles the batch
+    side: float = 0.0  # a ControlNet's MACs per call: it runs on full and partial steps, not on null steps
 
     def step_macs(self, kind: StepKind, branch: int | None = None) -> float:
         if kind is StepKind.FULL:
-            return self.full * self.guidance_factor
+            return (self.full + self.side) * self.guidance_factor
         if kind is StepKind.PARTIAL:
-            return self.partial[branch] * self.guidance_factor
+            return (self.partial[branch] + self.side) * self.guidance_factor
         return 0.0
 
     def schedule_macs(self, schedule: Schedule) -> float:
@@ -35,7 +37,8 @@ class StepCosts:
         return sum(self.step_macs(s.kind, s.branch) for s in schedule.steps)
 
     def to_dict(self) -> dict:
-        return dict(full=self.full, partial=list(self.partial), guidance_factor=self.guidance_factor)
+        out = dict(full=self.full, partial=list(self.partial), guidance_factor=self.guidance_factor)
+        return {**out, "side": self.side} if self.side else out
 
 
 def _count(fn) -> float:
@@ -45,7 +48,9 @@ def _count(fn) -> float:
 
 
 def _example_inputs(unet, cross_attention_len: int = 77):
+    """One image's inputs, on the model's device and in its dtype."""
     cfg = unet.config
+    device, dtype = placement(unet)
     x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     kwargs = {}
     if isinstance(unet, UNet2DConditionModel):
@@ -55,21 +60,25 @@ def _example_inputs(unet, cross_attention_len: int = 77):
             kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, text_dim), "time_ids": torch.zeros(1, 6)}
     elif getattr(cfg, "num_class_embeds", None) is not None:
         kwargs["class_labels"] = torch.zeros(1, dtype=torch.long)
-    return x, torch.tensor([500]), kwargs
+    return to_model(x, device, dtype), torch.tensor([500], device=device), to_model(kwargs, device, dtype)
 
 
-def timing_machine() -> str:
-    """The host and torch thread count a wall-clock measurement belongs to (timings compare only within one)."""
+def timing_machine(device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
+    """The host, torch thread count, device and dtype a wall-clock measurement belongs to (timings compare
+    only within one)."""
     import platform
 
-    return f"{platform.node() or 'host'}-{platform.machine()}-t{torch.get_num_threads()}"
+    tag = timing_tag(device or torch.device("cpu"), dtype or torch.float32)
+    return f"{platform.node() or 'host'}-{platform.machine()}-t{torch.get_num_threads()}-{tag}"
 
 
 @torch.no_grad()
 def measure_latency(unet, batch: int = 250, repeats: int = 5, cross_attention_len: int = 77) -> float:
-    """Seconds per image of one forward at `batch` on this machine (median of `repeats`, after a warm-up)."""
+    """Seconds per image of one forward at `batch` on the model's device and dtype (median of `repeats`,
+    after a warm-up; the device is synchronized around every timed call)."""
     import time
 
+    device = placement(unet)[0]
     x, t, kwargs = _example_inputs(unet, cross_attention_len)
 
     def widen(v):
@@ -81,8 +90,10 @@ def measure_latency(unet, batch: int = 250, repeats: int = 5, cross_attention_le
     unet(x, t, **kwargs)
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         unet(x, t, **kwargs)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] / batch
 
@@ -131,10 +142,12 @@ class MixtureStepCosts:
 
 
 @torch.no_grad()
-def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: int = 77):
+def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: int = 77, controlnet=None):
     """Count MACs of a full step and of a partial step at every branch, for one image.
 
-    For a mixture of experts, per expert (a `MixtureStepCosts`).
+    For a mixture of experts, per expert (a `MixtureStepCosts`). `controlnet`: a ControlNet the pipeline runs
+    beside the denoiser (conditioned on an image of the pipeline's size, `unet`'s sample size x 8); its MACs
+    are added to full and partial steps, which run it, and not to null steps, which skip it.
     """
     if is_mixture(unet):
         per = tuple(measure_step_costs(e, guidance, cross_attention_len) for e in unet.experts)
@@ -147,4 +160,19 @@ def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: 
     with engine:
         full = _count(lambda: unet(x, t, **kwargs))
         parts = tuple(_count(lambda: unet(x, t, **kwargs)) for _ in range(branches))
-    return StepCosts(full=full, partial=parts, guidance_factor=2 if guidance else 1)
+    side = 0.0 if controlnet is None else _controlnet_macs(controlnet, x, t, kwargs)
+    return StepCosts(full=full, partial=parts, guidance_factor=2 if guidance else 1, side=side)
+
+
+def _controlnet_macs(controlnet, x, t, kwargs) -> float:
+    """MACs of one ControlNet call for one image (a MultiControlNetModel: all of its nets)."""
+    nets = list(getattr(controlnet, "nets", None) or [controlnet])
+    total = 0.0
+    for net in nets:
+        device, dtype = placement(net)
+        scale = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)  # its image embedding's stride
+        image = torch.zeros(1, net.config.conditioning_channels, x.shape[-2] * scale, x.shape[-1] * scale,
+                            device=device, dtype=dtype)
+        total += _count(lambda: net(x, t, encoder_hidden_states=kwargs["encoder_hidden_states"],
+                                    controlnet_cond=image, return_dict=False))
+    return total

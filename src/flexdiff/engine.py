@@ -10,17 +10,21 @@ Everything is done with diffusers' removable `ModelHook`s on module instances: n
 UNet code, no class patching. The per-run state (step index, cache) lives in `EngineRun`.
 
 Which step a UNet call is (docs/engine.md): with a scheduler (a pipeline's, or `sample`'s), a
-run starts when the pipeline calls `scheduler.set_timesteps` (the engine wraps that method on the
-instance), and each call's step is the position of its timestep in `scheduler.timesteps`. So a
-run that starts late (img2img `strength`), stops early (interrupted) or calls the UNet more than
-once per step (guidance in two calls) stays in step: repeated calls of one step are numbered
-slots, each with its own cache. A step whose cache is empty (the first step of a late start, a
-new slot) runs full. Without a scheduler every call is the next step (a counter).
+run starts when the pipeline calls `scheduler.set_timesteps` and a step ends when it calls
+`scheduler.step`; the engine wraps both methods on the scheduler instance (their signatures kept,
+since pipelines inspect them). Eager calls are placed by the position of their timestep in
+`scheduler.timesteps`. So a run that starts late (img2img `strength`), stops early (interrupted)
+or calls the UNet more than once per step (guidance in two calls) stays in step: repeated calls
+of one step are numbered slots, each with its own cache. A step whose cache is empty (the first
+step of a late start, a new slot) runs full. Without a scheduler every call is the next step.
+
+Under torch.compile the decision is made on the host: the `scheduler.step` wrapper plans the next
+call (kind, branch, expert), and the compiled denoiser reads only that plan and its call slot: no
+sync, no graph break, no recompile once each (kind, branch, slot) has been seen. State: runs.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,25 +33,10 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .anatomy import anatomy
 from .errors import FlexdiffError
 from .mixture import expert_for_step, experts_of, is_mixture
-from .samplers import SCHEDULER_CLASSES
+from .runs import EngineRun, place_timestep, scheduler_mismatch, watch_scheduler
 from .schedule import Schedule, StepKind
 
 HOOK_NAME = "flexdiff_step_engine"
-
-
-@dataclass
-class EngineRun:
-    """Per-run state: which step comes next, what the last full step cached, the last output."""
-
-    index: int = -1  # the schedule step of the last call (-1: none yet)
-    slot: int = 0  # which call of that step (guidance in two calls: 0 and 1)
-    mode: StepKind = StepKind.FULL
-    branch: int = 0
-    cache: dict[tuple[int, int], Any] = field(default_factory=dict)  # (slot, unit) -> its output at the last full step
-    last_output: dict[int, Any] = field(default_factory=dict)  # slot -> the last noise prediction
-    expert: int = 0  # with a mixture: the expert of the last full step
-
-
 class _CacheHook(ModelHook):
     """On a unit or block: record its output at full steps, return that record when a partial step skips it."""
 
@@ -58,15 +47,15 @@ class _CacheHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         run = self.engine.run
         if run.mode is StepKind.PARTIAL and self.depth > run.branch:
-            return run.cache[(run.slot, self.key)]
+            return run.cache[run.slot][self.key]
         out = self.fn_ref.original_forward(*args, **kwargs)
         if run.mode is StepKind.FULL:
-            run.cache[(run.slot, self.key)] = out
+            run.cache[run.slot][self.key] = out
         return out
 
 
 class _StepHook(ModelHook):
-    """On the UNet itself: take the next step of the schedule from the run's counter."""
+    """On the UNet itself: decide which step of the schedule this call is, then run it."""
 
     def __init__(self, engine: "StepEngine"):
         super().__init__()
@@ -74,32 +63,80 @@ class _StepHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         eng = self.engine
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        index, slot = eng.locate(t)
-        run = eng.run  # locate may have started a new run
-        if run.index == -1 and eng.pipeline_scheduler is not None:
-            eng.check_pipeline_scheduler()
-        step = eng.schedule.steps[index]
-        kind = step.kind
-        if kind is not StepKind.FULL and slot not in run.last_output:
+        compiling = torch.compiler.is_compiling()
+        eng.follow_scheduler()
+        if compiling:  # the host planned this call (scheduler wrappers): read the plan, nothing of `t`
+            run = eng.run
+            if run.error is not None:
+                raise FlexdiffError(run.error)
+            slot = run.next_slot
+            kind, branch = run.planned
+            expert = run.planned_expert
+        else:
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            index, slot = eng.locate(t)
+            run = eng.run  # locate may have started a new run
+            if run.index == -1 and eng.pipeline_scheduler is not None:
+                eng.check_pipeline_scheduler()
+            step = eng.schedule.steps[index]
+            kind, branch = step.kind, (step.branch if step.branch is not None else 0)
+            expert = None
+            if eng.is_mixture and kind is StepKind.FULL:
+                expert = expert_for_step(kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
+            run.index = index
+        if slot >= len(run.last_output):
+            run.grow(slot)
+        if kind is not StepKind.FULL and run.last_output[slot] is None:
             kind = StepKind.FULL  # nothing cached for this call yet (a late start, a new slot): compute it
-        run.index, run.slot, run.mode = index, slot, kind
-        run.branch = step.branch if step.branch is not None else 0
+        run.slot, run.mode, run.branch = slot, kind, branch
+        run.next_slot = slot + 1
         if kind is StepKind.NULL:
             out = run.last_output[slot]  # no network call: reuse the last noise prediction
         elif eng.is_mixture:
             # a full step calls the expert of its timestep; a partial step calls the expert of the last
             # full step, whose deep features are the ones in the cache
-            run.expert = expert_for_step(kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
+            if kind is StepKind.FULL:
+                if expert is None:  # compiled, first step of a run: only the timestep can say
+                    t = args[1] if len(args) > 1 else kwargs["timestep"]
+                    expert = expert_for_step(kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
+                run.expert = expert
             out = self.fn_ref.original_forward(*args, expert=run.expert, **kwargs)
             run.last_output[slot] = out
         else:
             out = self.fn_ref.original_forward(*args, **kwargs)
             run.last_output[slot] = out
-        eng.calls[kind.value] += 1
-        if eng.pipeline_scheduler is None and index == eng.schedule.num_steps - 1:
-            eng.reset()  # counter mode: the next call starts a new run; drop this run's features now
+        if compiling:
+            run.compiled_calls = True  # counted on the host at the step's end (a counter read here would recompile)
+        else:
+            eng._calls[kind.value] += 1
+            if eng.pipeline_scheduler is None and run.index == eng.schedule.num_steps - 1:
+                eng.reset()  # counter mode: the next call starts a new run; drop this run's features now
         return out
+
+
+class _SideHook(ModelHook):
+    """On a network the pipeline calls before the denoiser at every step (a ControlNet): skipped on the steps
+    whose denoiser call will be a null step (its output would not be used), run otherwise. Partial steps run it
+    in full: its residuals on the shallow skip connections steer the branch the partial step recomputes."""
+
+    def __init__(self, engine: "StepEngine"):
+        super().__init__()
+        self.engine = engine
+        self.last: dict[int, Any] = {}  # slot -> the output of its last run
+        self.calls = 0  # how many times it actually ran
+
+    def new_forward(self, module, *args, **kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        kind, slot = self.engine.peek(t)
+        if kind is StepKind.NULL and slot in self.last:
+            return self.last[slot]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self.last[slot] = out
+        self.calls += 1
+        return out
+
+    def reset(self) -> None:
+        self.last.clear()
 
 
 class StepEngine:
@@ -109,18 +146,37 @@ class StepEngine:
     ...     images = pipeline(num_inference_steps=schedule.num_steps)  # or flexdiff.sampling.sample
     """
 
-    def __init__(self, unet: torch.nn.Module, schedule: Schedule, pipeline_scheduler: Any = None):
-        # `unet`: a diffusers UNet, or a flexdiff mixture of experts (one UNet per timestep interval)
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule, pipeline_scheduler: Any = None,
+                 pipeline: Any = None):
+        # `unet`: a diffusers UNet, or a flexdiff mixture of experts (one UNet per timestep interval).
+        # `pipeline`: the object whose `.scheduler` runs the steps, read at every run (a scheduler swapped
+        # after apply_schedule is followed); else the fixed `pipeline_scheduler`.
         self.unet = unet
-        self.pipeline_scheduler = pipeline_scheduler  # checked against the schedule when a run starts
+        self._pipeline = pipeline
+        self._scheduler = pipeline_scheduler
         # a mixture of experts: every expert is hooked; a schedule must fit the one with the fewest branches
         self.anatomies = [anatomy(m) for m in experts_of(unet)]
         self.anatomy = min(self.anatomies, key=lambda a: a.num_branches)
         schedule.check_fits(self.anatomy.num_branches)
         self.schedule = schedule
-        self.run = EngineRun()
-        self.calls = {k.value: 0 for k in StepKind}  # UNet calls seen, by the kind of step they were
+        self._units = sum(len(u.modules) for a in self.anatomies for g in (a.units, a.blocks) for u in g)
+        self.run = EngineRun(units=self._units)
+        self._calls = {k.value: 0 for k in StepKind}  # UNet calls seen, by the kind of step they were
         self._hooked: list[torch.nn.Module] = []
+        self._wrapped_scheduler = None
+        self._side: _SideHook | None = None
+
+    @property
+    def pipeline_scheduler(self) -> Any:
+        if self._pipeline is not None:
+            return getattr(self._pipeline, "scheduler", None)
+        return self._scheduler
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """UNet calls so far, by the kind of step they were (a copy)."""
+        self._flush()
+        return dict(self._calls)
 
     @property
     def is_mixture(self) -> bool:
@@ -135,31 +191,53 @@ class StepEngine:
         self.schedule = schedule
         self.reset()
 
+    def scheduler_mismatch(self) -> str | None:
+        """Why the pipeline's scheduler does not fit the schedule (kind, step count, timesteps); None if it does."""
+        return scheduler_mismatch(self.pipeline_scheduler, self.schedule)
+
     def check_pipeline_scheduler(self) -> None:
         """Refuse a pipeline whose scheduler does not fit the schedule (kind and step count)."""
-        sched, want = self.pipeline_scheduler, self.schedule
-        cls = SCHEDULER_CLASSES[want.sampler]
-        if not isinstance(sched, cls):
-            raise FlexdiffError(
-                f"the schedule was made for {want.sampler} ({cls.__name__}) but the pipeline uses "
-                f"{type(sched).__name__}; set pipe.scheduler = {cls.__name__}.from_config(pipe.scheduler.config)"
-            )
-        timesteps = getattr(sched, "timesteps", None)
-        n = 0 if timesteps is None else len(timesteps)
-        if n != want.num_steps:
-            raise FlexdiffError(
-                f"the schedule has {want.num_steps} steps but the pipeline runs {n}: "
-                f"call it with num_inference_steps={want.num_steps}"
-            )
-        if want.timesteps is not None and [int(t) for t in timesteps] != list(want.timesteps):
-            raise FlexdiffError(
-                f"the schedule runs its own timesteps {list(want.timesteps)} but the pipeline's scheduler has "
-                f"{[int(t) for t in timesteps]}: call the pipeline with timesteps=list(schedule.timesteps)"
-            )
+        why = self.scheduler_mismatch()
+        if why:
+            raise FlexdiffError(why)
 
     def reset(self) -> None:
         """Start a new sampling run: no step taken yet, cache emptied."""
-        self.run = EngineRun()
+        self._flush()
+        self.run = EngineRun(units=self._units)
+        if getattr(self, "_side", None) is not None:
+            self._side.reset()
+
+    @property
+    def side_calls(self) -> int:
+        """Calls of the pipeline's ControlNet that ran (it is skipped on null steps); 0 without one."""
+        return 0 if self._side is None else self._side.calls
+
+    def peek(self, t) -> tuple[StepKind, int]:
+        """(kind, slot) the next denoiser call at timestep `t` will have, without taking the step."""
+        self.follow_scheduler()
+        run = self.run
+        if torch.compiler.is_compiling():
+            kind, slot = run.planned[0], run.next_slot
+        else:
+            timesteps = getattr(self.pipeline_scheduler, "timesteps", None)
+            if timesteps is None or len(timesteps) != self.schedule.num_steps:
+                return StepKind.FULL, 0
+            index = place_timestep(t, timesteps, "ControlNet was called")
+            slot = run.slot + 1 if index == run.index else 0
+            kind = self.schedule.steps[index].kind if index >= run.index else StepKind.FULL
+        if slot >= len(run.last_output) or run.last_output[slot] is None:
+            kind = StepKind.FULL  # the denoiser will run full: so must its ControlNet
+        return kind, slot
+
+    def _flush(self) -> None:
+        """Count the compiled calls of the planned step: the plan's kind, or full where a slot had nothing cached."""
+        run = self.run
+        if run.compiled_calls:
+            for slot in range(run.next_slot):
+                kind = run.planned[0] if slot < len(run.cached_slots) and run.cached_slots[slot] else StepKind.FULL
+                self._calls[kind.value] += 1
+            run.compiled_calls = False
 
     def locate(self, t) -> tuple[int, int]:
         """(schedule step, call slot) of a UNet call at timestep `t`; starts a new run where one begins."""
@@ -169,18 +247,26 @@ class StepEngine:
             if self.pipeline_scheduler is not None and run.index == -1:
                 self.check_pipeline_scheduler()  # names the mismatch (a scheduler not set up for this schedule)
             return run.index + 1, 0  # counter mode: every call is the next step
-        found = (torch.as_tensor(timesteps).float() == float(torch.as_tensor(t).reshape(-1)[0])).nonzero()
-        if len(found) != 1:
-            raise FlexdiffError(
-                f"the UNet was called at timestep {float(torch.as_tensor(t).reshape(-1)[0]):g}, which is "
-                f"{'not one' if not len(found) else 'more than one'} of the scheduler's {n} timesteps: flexdiff "
-                "cannot tell which step of the schedule this call is")
-        index = int(found[0])
+        index = place_timestep(t, timesteps, "UNet was called")
         if index == run.index:
             return index, run.slot + 1  # another call of the same step
         if index < run.index:  # back to an earlier step without set_timesteps: a new run
             self.reset()
         return index, 0
+
+    def _plan(self, position: int | None) -> None:
+        """Host side: what the next call is (kind, branch, expert), for a compiled denoiser to read."""
+        run = self.run
+        run.position, run.next_slot, run.cached_slots = position, 0, tuple(o is not None for o in run.last_output)
+        if position is None or position >= self.schedule.num_steps:
+            run.planned, run.planned_expert = (StepKind.FULL, 0), None  # a run's first step: nothing cached
+            return
+        step = self.schedule.steps[position]
+        run.planned = (step.kind, step.branch if step.branch is not None else 0)
+        run.planned_expert = None
+        if self.is_mixture and step.kind is StepKind.FULL:
+            timesteps = self.pipeline_scheduler.timesteps
+            run.planned_expert = expert_for_step(step.kind, float(timesteps[position]), run.expert, self.unet.intervals)
 
     def attach(self) -> "StepEngine":
         if self.attached:
@@ -199,33 +285,56 @@ class StepEngine:
                         key += 1
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), HOOK_NAME)
         self._hooked.append(self.unet)
-        self._watch_set_timesteps()
+        side = getattr(self._pipeline, "controlnet", None)
+        if isinstance(side, torch.nn.Module):  # ControlNetModel, or a MultiControlNetModel of several
+            self._side = _SideHook(self)
+            HookRegistry.check_if_exists_or_initialize(side).register_hook(self._side, HOOK_NAME)
+            self._hooked.append(side)
+        self.follow_scheduler()
         self.reset()
         return self
 
-    def _watch_set_timesteps(self) -> None:
-        """A pipeline call begins with `scheduler.set_timesteps`: wrap it (on this instance only) to start a run."""
+    def follow_scheduler(self) -> None:
+        """Watch the pipeline's current scheduler (one swapped in after `apply_schedule` takes over from the old)."""
         sched = self.pipeline_scheduler
-        if sched is None or "set_timesteps" in vars(sched):
+        if sched is self._wrapped_scheduler:
             return
-        original = sched.set_timesteps
+        self._unwrap()
+        if sched is None or "set_timesteps" in vars(sched) or "step" in vars(sched):
+            return
+        self._wrap(sched)
+        self.reset()
+        if getattr(sched, "timesteps", None) is not None:  # set up before we watched it: this run starts now
+            self.run.error = self.scheduler_mismatch()
 
-        def set_timesteps(*args, **kwargs):
-            out = original(*args, **kwargs)
+    def _wrap(self, sched) -> None:
+        """Start a run at `set_timesteps`; at each `scheduler.step`, place the step just taken and plan the next
+        call on the host (what a compiled denoiser reads)."""
+
+        def started() -> None:
             self.reset()
-            return out
+            self.run.error = self.scheduler_mismatch()
 
-        sched.set_timesteps = set_timesteps
+        def stepping(timestep) -> None:
+            self._flush()
+            run, timesteps = self.run, sched.timesteps
+            if timesteps is not None and len(timesteps) == self.schedule.num_steps and run.error is None:
+                run.index = place_timestep(timestep, timesteps, "scheduler stepped")
+                self._plan(run.index + 1)
+
+        self._unwatch = watch_scheduler(sched, started, stepping)
         self._wrapped_scheduler = sched
+
+    def _unwrap(self) -> None:
+        if self._wrapped_scheduler is not None:
+            self._unwatch()
+            self._wrapped_scheduler = None
 
     def detach(self) -> None:
         for module in self._hooked:
             module._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
         self._hooked.clear()
-        sched = getattr(self, "_wrapped_scheduler", None)
-        if sched is not None:
-            del sched.set_timesteps  # the class's method shows through again
-            self._wrapped_scheduler = None
+        self._unwrap()
         self.reset()
 
     def __enter__(self) -> "StepEngine":
@@ -239,9 +348,13 @@ def apply_schedule(model_or_pipeline: Any, schedule: Schedule) -> StepEngine:
     """Apply `schedule` to a diffusers UNet or to a pipeline's `.unet`; returns the attached engine.
 
     Call `engine.detach()` (or use the engine as a context manager) to restore the model. A
-    pipeline must be called with `num_inference_steps=schedule.num_steps` and a scheduler of the
-    schedule's kind; each UNet call is placed by its timestep (img2img, interrupted runs and
-    two calls per step stay in step: see the module's docstring).
+    pipeline must be called with the schedule's steps (`num_inference_steps=schedule.num_steps`,
+    or `timesteps=list(schedule.timesteps)` when it has its own) and a scheduler of the schedule's
+    kind; a scheduler swapped in after this call is followed. Each UNet call is placed by its
+    timestep (img2img, interrupted runs and two calls per step stay in step: see the module's
+    docstring), and the plan of each next call is made on the host, so a compiled UNet runs it.
     """
-    unet = getattr(model_or_pipeline, "unet", model_or_pipeline)
-    return StepEngine(unet, schedule, getattr(model_or_pipeline, "scheduler", None)).attach()
+    unet = getattr(model_or_pipeline, "unet", None)
+    if unet is None:
+        return StepEngine(model_or_pipeline, schedule).attach()
+    return StepEngine(unet, schedule, pipeline=model_or_pipeline).attach()

@@ -7,12 +7,20 @@ import hashlib
 import torch
 
 
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's stored bytes (bfloat16, which numpy lacks, read as 16-bit integers: the same bytes)."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """A short hash of every parameter and buffer."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_raw_bytes(v))
     return h.hexdigest()[:16]
 
 
@@ -22,7 +30,7 @@ def data_fingerprint(*tensors: torch.Tensor | None) -> str:
     for t in tensors:
         if t is not None:
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(_raw_bytes(t))
     return h.hexdigest()[:16]
 
 

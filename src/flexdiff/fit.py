@@ -92,9 +92,15 @@ class Fit:
                     group["lr"] = self.lr_at(step)
             self.optimizer.zero_grad(set_to_none=True)
             loss = step_loss(step, self.generator)
+            if not math.isfinite(float(loss)):
+                self._diverged(step, f"the loss is {float(loss)}")
             if self.clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.clip)
+                norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+                if not torch.isfinite(norm):
+                    self._diverged(step, f"the gradient norm is {float(norm)}")
             self.optimizer.step()
+            if params and not torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in params]))).all():
+                self._diverged(step, "the weights are no longer finite after the optimiser's step")
             self.losses.append(float(loss))
             self.step, self.elapsed = step + 1, time.perf_counter() - t0
             if after_step is not None:
@@ -106,6 +112,13 @@ class Fit:
         if task is not None:
             progress.remove_task(task)
         return self
+
+    def _diverged(self, step: int, why: str) -> None:
+        """Stop before anything non-finite is saved: the last checkpoint (written before this step) stays."""
+        kept = (f"the last good checkpoint (step {self.step}) is kept in {self.ckpt_path}" if self.ckpt_path.exists()
+                else "no checkpoint was written yet")
+        raise FlexdiffError(f"{self.what} diverged at step {step + 1}: {why}; nothing was saved from it and {kept}. "
+                            "Lower the learning rate (or check the data) and run again")
 
     def mean_loss(self, last: int) -> float:
         tail = self.losses[-last:]

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from .errors import FlexdiffError, first_line
 from .io import read_json_object
 from .mixture import experts_of, is_mixture_folder, load_mixture
-from .pipelines import PipelineParts, needs_parts, pipeline_index
+from .pipelines import PipelineParts, needs_parts, pipeline_index, side_networks
 from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
 
 UNet = UNet2DModel | UNet2DConditionModel
@@ -56,6 +56,17 @@ class LoadedModel:
     path: Path
     parts: PipelineParts | None = None
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoadedModel":
+        """Move the denoiser and the pipeline's other parts (in place); None keeps what they have."""
+        from .devices import placement
+
+        here, kind = placement(self.unet)
+        device, dtype = torch.device(device) if device is not None else here, dtype or kind
+        self.unet.to(device=device, dtype=dtype)
+        if self.parts is not None:
+            self.parts.to(device, dtype)
+        return self
+
     @property
     def is_conditional(self) -> bool:
         return isinstance(experts_of(self.unet)[0], UNet2DConditionModel)  # a mixture: its experts' class
@@ -87,13 +98,22 @@ class LoadedModel:
         return self.parts.prompt_length() if self.has_text else 77
 
 
-def load_model(path: Path | str | None = None, option: str = "--model") -> LoadedModel:
+def load_model(path: Path | str | None = None, option: str = "--model", device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a UNet2DModel / UNet2DConditionModel from a diffusers folder.
 
     `path` may be a UNet folder (config.json + weights) or a pipeline folder (model_index.json
     with a `unet/` subfolder and usually `scheduler/`). None means the shipped default. `option`: the
-    command-line option the path came from, named in errors.
+    command-line option the path came from, named in errors. `device` / `dtype`: where the model (and a
+    pipeline's decoder and text encoders) runs; None keeps the CPU and the stored weights' float32.
     """
+    loaded = _load(path, option)
+    if device is not None or dtype is not None:
+        loaded.to(device, dtype)
+    return loaded
+
+
+def _load(path: Path | str | None, option: str) -> LoadedModel:
     path = default_model_dir() if path is None else Path(path)
     if not path.exists():
         raise FlexdiffError(f"{option} {path}: no such file or folder")
@@ -113,6 +133,12 @@ def load_model(path: Path | str | None = None, option: str = "--model") -> Loade
     if (path / "model_index.json").exists():
         unet_dir = path / "unet"
         sched_file = path / "scheduler" / "scheduler_config.json"
+        guided_by = side_networks(pipeline_index(path))
+        if guided_by:  # sampling its UNet alone would silently drop the control
+            raise FlexdiffError(f"{option} {path}: a pipeline whose UNet is steered by a {guided_by} at every step; "
+                                "flexdiff's commands sample the UNet alone. Run it through diffusers with "
+                                "flexdiff.apply_schedule(pipe, schedule) (README: Python API), which also skips the "
+                                f"{guided_by} on null steps")
         if not unet_dir.is_dir():
             index = read_json_object(path / "model_index.json", "the pipeline index")
             parts = ", ".join(f"{k}: {v[1] if isinstance(v, list) and len(v) > 1 else v}" for k, v in index.items()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Conditioning
+from .devices import placement
 from .errors import FlexdiffError, first_line
 from .io import read_json_object
 
@@ -28,6 +29,15 @@ def pipeline_index(path: Path) -> dict | None:
 def _present(index: dict, name: str) -> bool:
     v = index.get(name)
     return isinstance(v, list) and len(v) == 2 and v[0] is not None and v[1] is not None
+
+
+def side_networks(index: dict | None) -> str | None:
+    """'ControlNet' or 'T2I-Adapter' when the pipeline steers its UNet with one (None otherwise)."""
+    if index is None:
+        return None
+    if _present(index, "controlnet"):
+        return "ControlNet"
+    return "T2I-Adapter" if _present(index, "adapter") else None
 
 
 def needs_parts(index: dict | None) -> bool:
@@ -61,6 +71,14 @@ class PipelineParts:
                 m.eval().requires_grad_(False)
         return cls(pipe)
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> "PipelineParts":
+        """Move the decoder and text encoders (the pipeline's other parts) to the device and dtype."""
+        for part in ("vae", "vqvae", "text_encoder", "text_encoder_2"):
+            m = getattr(self.pipe, part, None)
+            if isinstance(m, torch.nn.Module):
+                m.to(device=device, dtype=dtype)
+        return self
+
     # ---- what it holds
     @property
     def decoder(self):
@@ -91,8 +109,9 @@ class PipelineParts:
         shift = getattr(cfg, "shift_factor", None)
         if shift is not None:
             z = z + float(shift)
-        device = next(d.parameters()).device
-        out = [d.decode(z[i:i + batch_size].to(device)).sample.float().cpu() for i in range(0, len(z), batch_size)]
+        device, dtype = placement(d)
+        out = [d.decode(z[i:i + batch_size].to(device=device, dtype=dtype)).sample.float().cpu()
+               for i in range(0, len(z), batch_size)]
         return torch.cat(out).clamp(-1, 1)
 
     @torch.no_grad()
@@ -102,7 +121,8 @@ class PipelineParts:
         cfg = d.config
         out = []
         for i in range(0, len(images), batch_size):
-            enc = d.encode(images[i:i + batch_size].to(next(d.parameters()).device))
+            device, dtype = placement(d)
+            enc = d.encode(images[i:i + batch_size].to(device=device, dtype=dtype))
             z = enc.latent_dist.mode() if hasattr(enc, "latent_dist") else enc.latents
             out.append(z.float().cpu())
         z = torch.cat(out)
@@ -121,9 +141,11 @@ class PipelineParts:
         if not prompts:
             raise FlexdiffError("--prompts: the file holds no prompt (one per line)")
         guided = guidance != 1.0
-        out = self.pipe.encode_prompt(prompt=list(prompts), device=torch.device("cpu"), num_images_per_prompt=1,
+        encoder = getattr(self.pipe, "text_encoder", None) or getattr(self.pipe, "text_encoder_2", None)
+        out = self.pipe.encode_prompt(prompt=list(prompts), device=placement(encoder)[0], num_images_per_prompt=1,
                                       do_classifier_free_guidance=guided,
                                       negative_prompt=None if negative is None else [negative] * len(prompts))
+        out = [o.float().cpu() if torch.is_tensor(o) else o for o in out]  # kept like the noise: float32 on the CPU
         rows = torch.arange(n) % len(prompts)
         embeds, neg = out[0][rows], (out[1][rows] if guided and out[1] is not None else None)
         added = neg_added = None

@@ -10,6 +10,7 @@ import torch
 
 from .anatomy import num_branches
 from .conditioning import Conditioning
+from .devices import placement, to_model
 from .engine import StepEngine
 from .errors import FlexdiffError
 from .mixture import is_mixture
@@ -42,30 +43,24 @@ class SampleResult:
     calls: dict[str, int]  # UNet calls per step kind, as the engine saw them (summed over batches)
 
 
-@torch.no_grad()
-def _to(v, device):
-    if isinstance(v, dict):
-        return {k: _to(x, device) for k, x in v.items()}
-    return v.to(device) if torch.is_tensor(v) else v
-
-
 def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
                   cond: Conditioning | None) -> torch.Tensor:
     engine.reset()
-    device = next(unet.parameters()).device  # a Ray worker may hold the model on its GPU; noise stays on the CPU
-    x = x.to(device) * scheduler.init_noise_sigma
+    # the model's device and dtype; the noise comes from the CPU and the sampler's arithmetic stays in float32
+    device, dtype = placement(unet)
+    x = x.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
     kwargs = cond.model_kwargs(x.shape[0]) if cond is not None else {}
-    kwargs = {k: _to(v, device) for k, v in kwargs.items()}
+    kwargs = to_model(kwargs, device, dtype)
     guided = cond is not None and cond.guided
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         model_in = scheduler.scale_model_input(model_in, t)
-        eps = unet(model_in, t, **kwargs).sample  # full, partial or null: the engine decides
+        eps = unet(model_in.to(dtype), t, **kwargs).sample.float()  # full, partial or null: the engine decides
         if guided:  # classifier-free guidance (Ho & Salimans 2022): eps_u + w (eps_c - eps_u)
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cond.guidance_scale * (eps_c - eps_u)
         x = scheduler.step(eps, t, x).prev_sample  # the sampler's update x_t -> x_{t-1}
-    return x.cpu()
+    return x.float().cpu()
 
 
 def sample(

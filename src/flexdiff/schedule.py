@@ -105,6 +105,13 @@ class Schedule:
     def num_steps(self) -> int:
         return len(self.steps)
 
+    def pipeline_kwargs(self) -> dict:
+        """What a diffusers pipeline call needs to run this schedule's steps: `timesteps=` when it has its
+        own, else `num_inference_steps=`."""
+        if self.timesteps is not None:
+            return {"timesteps": list(self.timesteps)}
+        return {"num_inference_steps": self.num_steps}
+
     def counts(self) -> dict[str, int]:
         out = {k.value: 0 for k in StepKind}
         for s in self.steps:

@@ -8,6 +8,7 @@ classifier-free guidance (Ho & Salimans 2022).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from .configs import Config
+from .devices import autocast, runs_on, training_dtype
 from .errors import FlexdiffError
 from .fingerprints import data_fingerprint
 from .fit import Fit, noised, warmup_cosine
@@ -43,6 +45,10 @@ class TrainConfig(Config):
     def check(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
             raise FlexdiffError(f"--lr-schedule {self.lr_schedule!r}: accepted values are {', '.join(LR_SCHEDULES)}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise FlexdiffError(f"--lr {self.lr}: must be a finite number above 0")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise FlexdiffError(f"--ema-decay {self.ema_decay}: must be in [0, 1]")
         if not 0.0 <= self.label_dropout < 1.0:
             raise FlexdiffError(f"--label-dropout {self.label_dropout}: must be in [0, 1)")
 
@@ -95,8 +101,14 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     progress=None,
     labels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Train `unet` on `images` ((N, C, H, W) in [-1, 1]); write the EMA model to `out_dir`.
+
+    `device`: where it trains; `dtype`: float32, or bfloat16 autocast over float32 master weights. Every random
+    draw is made on the CPU from the checkpointed generator and then moved, so a run's batches are the same
+    everywhere; the device type and dtype are part of the run's identity (a checkpoint resumes only there).
 
     A class-conditional UNet needs `labels` (N integers in [0, num_class_embeds - 1)); a share
     `cfg.label_dropout` of them is replaced by the null label at every step.
@@ -120,13 +132,18 @@ def train(
             )
         if int(labels.min()) < 0 or int(labels.max()) >= null:
             raise FlexdiffError(f"labels must lie in 0..{null - 1} (the model has {null} classes)")
-    alphas_cumprod = DDPMScheduler(**scheduler_config).alphas_cumprod
-    unet.train().requires_grad_(True)
+    device, dtype = torch.device(device), training_dtype(dtype)
+    where = runs_on(device, dtype)
+    alphas_cumprod = DDPMScheduler(**scheduler_config).alphas_cumprod.to(device)
+    unet.to(device=device, dtype=torch.float32).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     init = {k: v.detach().clone() for k, v in unet.named_parameters()}  # theta_0, for the EMA's bias correction
     data_fp = data_fingerprint(images, labels)
 
     def refuse(ck: dict) -> str | None:
+        if ck.get("runs_on", "cpu-float32") != where:
+            return (f"this run was trained on {ck.get('runs_on', 'cpu-float32')}, now {where}: resume it with the same "
+                    "--device and --dtype, or use another --out folder")
         if ck.get("data", data_fp) != data_fp:
             return (f"this run was trained on other data (fingerprint {ck['data']}, now {data_fp}); use the same "
                     "--data to resume, or another --out folder")
@@ -140,22 +157,25 @@ def train(
               torch.Generator().manual_seed(cfg.seed), {"model": unet, "ema": ema},
               checkpoint_every=cfg.checkpoint_every, lr_at=lambda step: _lr_at(step, cfg),
               state={"init": init},  # checkpoints from before the bias correction: the same seed made theta_0
-              tags={"data": data_fp, "config": asdict(cfg)}, refuse=refuse, what="training checkpoint")
+              tags={"data": data_fp, "config": asdict(cfg), **({} if where == "cpu-float32" else {"runs_on": where})},
+              refuse=refuse, what="training checkpoint")
     n = images.shape[0]
 
     def step_loss(step: int, gen: torch.Generator) -> float:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         x0 = images[idx]
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)  # drawn on the CPU, then moved: the same batches everywhere
         t = torch.randint(0, len(alphas_cumprod), (cfg.batch_size,), generator=gen)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         xt = noised(x0, noise, t, alphas_cumprod)
-        if null is None:
-            pred = unet(xt, t).sample
-        else:  # label dropout teaches the null label: the unconditional half of guidance
+        y = None
+        if null is not None:  # label dropout teaches the null label: the unconditional half of guidance
             y = labels[idx].clone()
             y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = null
-            pred = unet(xt, t, class_labels=y).sample
-        loss = F.mse_loss(pred, noise)
+            y = y.to(device)
+        with autocast(device, dtype):
+            pred = unet(xt, t).sample if y is None else unet(xt, t, class_labels=y).sample
+        loss = F.mse_loss(pred.float(), noise)
         loss.backward()
         return loss.item()
 
@@ -184,4 +204,5 @@ def train(
     write_json(out_dir / "training_summary.json", summary)
     write_json(out_dir / "losses.json", losses)  # the loss curve, for the model card's plot
     unet.eval().requires_grad_(False)
+    summary["runs_on"] = where
     return summary

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..cost import measure_step_costs, timing_machine
+from ..devices import placement
 from ..fingerprints import conditioning_tag, weights_fingerprint
 from ..io import load_cache, save_safetensors, write_json, write_text
 from ..metrics import QualityMeter
@@ -141,8 +142,9 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
     from ..search.space import make_space
 
     out, seconds = [], {}
+    device, dtype = placement(model.unet)  # the mixtures run where the main model does
     for m in mixtures:
-        mix = load_model(m.model)
+        mix = load_model(m.model, device=device, dtype=dtype)
         costs = measure_step_costs(mix.unet, guidance=cfg.guidance != 1.0, cross_attention_len=model.cross_attention_len)
         own = costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps))
         fp = _model_fingerprint(mix)
@@ -173,6 +175,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     from ..models import load_model
 
     out_dir = Path(out_dir)
+    device, dtype = placement(model.unet)  # every model of the table runs where the main one does
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     guided = cfg.guidance != 1.0
@@ -189,7 +192,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     unique, seen = [], set()
     for m in methods:
         if m.model not in models:
-            other = load_model(m.model)
+            other = load_model(m.model, device=device, dtype=dtype)
             models[m.model] = (other, measure_step_costs(other.unet, guidance=guided,
                                                          cross_attention_len=model.cross_attention_len),
                                _model_fingerprint(other))
@@ -207,7 +210,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     runs = []
     # what each row's wall-clock was measured on: a row timed on another host or thread count is redrawn,
     # so one table's wall-clock column never mixes settings
-    timing = torch.tensor(list(timing_machine().encode()), dtype=torch.uint8)
+    timing = torch.tensor(list(timing_machine(device, dtype).encode()), dtype=torch.uint8)
     for m in methods:
         m_model, _, m_fp = models[m.model]
         path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"

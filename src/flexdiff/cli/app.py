@@ -85,6 +85,18 @@ def check_output_file(path: Optional[Path], option: str) -> None:
         console.print(f"note: {option} {path} exists and will be replaced", highlight=False, markup=False)
 
 
+DeviceOpt = typer.Option("auto", "--device", help="Where the model runs: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps.")
+DtypeOpt = typer.Option("auto", "--dtype", help="The model's dtype: auto (bfloat16 on a GPU that has it, float16 on other GPUs, float32 on the CPU), float32, float16 or bfloat16. Noise, the sampler's arithmetic and the metrics stay in float32.")
+
+
+def placement_from_options(device: str, dtype: str):
+    """(torch.device, torch.dtype) from --device / --dtype, checked before anything is read or written."""
+    from ..devices import resolve_device, resolve_dtype
+
+    where = resolve_device(device)
+    return where, resolve_dtype(dtype, where)
+
+
 def set_threads(threads: Optional[int]) -> None:
     import torch
 

@@ -9,6 +9,8 @@ from typing import Optional
 import typer
 
 from .app import (
+    DeviceOpt,
+    DtypeOpt,
     GuidanceOpt,
     LabelsOpt,
     ModelOpt,
@@ -21,6 +23,7 @@ from .app import (
     labels_from_options,
     parse_floats,
     parse_ints,
+    placement_from_options,
     progress_bar,
     prompts_for_config,
     set_threads,
@@ -61,6 +64,8 @@ def bench(
     prompts: Optional[Path] = PromptsOpt,
     negative_prompt: Optional[str] = NegativeOpt,
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ):
     """Run the teacher and the peers side by side on the same noise; write a table, a plot and sample grids."""
     from ..bench import config_from_options, markdown_table, run_bench
@@ -70,6 +75,7 @@ def bench(
     from ..schedule import Schedule
 
     set_threads(threads)
+    placed = placement_from_options(device, dtype)
     cfg = config_from_options(
         preset, samples=samples, seed=seed, teacher_steps=teacher_steps,
         ddim_steps=ddim_steps and parse_ints(ddim_steps, "--ddim-steps"),
@@ -87,7 +93,7 @@ def bench(
                                                   ("budget_kind", expert_budget_kind)) if v is not None) or None,
     )
     check_folder_target(out)
-    loaded = load_model(model)
+    loaded = load_model(model, device=placed[0], dtype=placed[1])
     extra = tuple(Schedule.load(p) for p in schedule)
     for path, sched in zip(schedule, extra):  # named by file, before hours of searches and sampling
         check_schedule(sched, loaded, f"--schedule {path}")

@@ -11,6 +11,8 @@ from ..errors import FlexdiffError
 from .app import (
     BranchOpt,
     DeepCacheOpt,
+    DeviceOpt,
+    DtypeOpt,
     GuidanceOpt,
     LabelsOpt,
     ModelOpt,
@@ -24,6 +26,7 @@ from .app import (
     check_output_file,
     conditioning_from_options,
     console,
+    placement_from_options,
     progress_bar,
     prompts_from_options,
     resolve_schedule,
@@ -52,6 +55,8 @@ def sample_cmd(
     negative_prompt: Optional[str] = NegativeOpt,
     save_tensors: Optional[Path] = typer.Option(None, "--save-tensors", help="Also save the images (and a latent model's raw latents) as safetensors."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ):
     """Draw samples with a schedule (or a plain sampler) and write a PNG grid."""
     from ..cost import measure_step_costs
@@ -60,11 +65,12 @@ def sample_cmd(
     from ..sampling import initial_noise, sample
 
     set_threads(threads)
+    placed = placement_from_options(device, dtype)
     check_output_file(out, "--out")
     if out.suffix.lower() != ".png":
         raise FlexdiffError(f"--out {out}: the sample grid is a PNG; give a name ending in .png")
     check_output_file(save_tensors, "--save-tensors")
-    loaded = load_model(model)
+    loaded = load_model(model, device=placed[0], dtype=placed[1])
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
     conditioning = conditioning_from_options(loaded, cond, labels, guidance, n,
                                              prompts_from_options(prompt, prompts), negative_prompt)
@@ -109,6 +115,8 @@ def evaluate(
     clip_model: Optional[Path] = typer.Option(None, "--clip-model", help="A local CLIP model folder (CLIPModel + CLIPProcessor, save_pretrained): also report the CLIP score of the prompts."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ):
     """Measure quality: against the teacher on the same noise (PSNR, SSIM, distance: any model), and FID/KID
     against real data (the digits, or --real-data)."""
@@ -120,8 +128,9 @@ def evaluate(
     from ..schedule import Schedule
 
     set_threads(threads)
+    placed = placement_from_options(device, dtype)
     check_output_file(out, "--out")
-    loaded = load_model(model)
+    loaded = load_model(model, device=placed[0], dtype=placed[1])
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
     c = loaded.unet.config
     meter = meter_for(loaded, inception_weights, real_data)

@@ -9,6 +9,8 @@ import typer
 
 from ..errors import FlexdiffError
 from .app import (
+    DeviceOpt,
+    DtypeOpt,
     GpusOpt,
     GuidanceOpt,
     LabelsOpt,
@@ -22,6 +24,7 @@ from .app import (
     console,
     labels_from_options,
     parse_ints,
+    placement_from_options,
     progress_bar,
     prompts_for_config,
     set_threads,
@@ -58,6 +61,8 @@ def search(
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid Inception weights file (with --real-data)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Score against this model's DDIM run instead of the searched model's own: the original teacher of a mixture of experts or a pruned model ('default': the shipped model)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (of each worker with --workers)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
     workers: Optional[int] = WorkersOpt,
     ray_address: Optional[str] = RayAddressOpt,
     gpus_per_worker: float = GpusOpt,
@@ -74,6 +79,7 @@ def search(
     from ..search.space import make_space
 
     set_threads(threads)
+    placed = placement_from_options(device, dtype)
     check_folder_target(out)
     pool = workers_from_options(workers, ray_address, threads, gpus_per_worker)
     if budget is not None and speedup is not None:
@@ -83,9 +89,9 @@ def search(
             raise FlexdiffError(f"--speedup {speedup}: must be > 1")
         budget = 1 / speedup
     check_sampler(sampler)
-    loaded = load_model(model)
+    loaded = load_model(model, device=placed[0], dtype=placed[1])
     reference_model = None if reference is None else \
-        load_model(None if str(reference) == "default" else reference, "--reference")  # None: the shipped model
+        load_model(None if str(reference) == "default" else reference, "--reference", *placed)  # None: the shipped model
     sp = make_space(space, sampler, num_train_timesteps(loaded.scheduler_config), count_branches(loaded.unet),
                     step_choices=steps and parse_ints(steps, "--steps"),
                     length_choices=lengths and parse_ints(lengths, "--lengths"),
@@ -131,6 +137,8 @@ def proxy_study_cmd(
     fid_samples: int = typer.Option(1000, min=8, help="Samples for the real FID of each candidate."),
     seed: int = typer.Option(0, min=0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ):
     """How well do rFID and the per-sample distance rank candidates against the real FID (Spearman), and how much faster are they?"""
     from ..metrics import QualityMeter
@@ -139,8 +147,9 @@ def proxy_study_cmd(
     from ..search.proxy import proxy_study, proxy_table
 
     set_threads(threads)
+    placed = placement_from_options(device, dtype)
     check_folder_target(out)
-    loaded = load_model(model)
+    loaded = load_model(model, device=placed[0], dtype=placed[1])
     meter = QualityMeter.for_loaded(loaded)
     schedules = None
     if from_search is not None:

@@ -9,9 +9,12 @@ import typer
 
 from ..errors import FlexdiffError
 from .app import (
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     app,
     console,
+    placement_from_options,
     progress_bar,
     set_threads,
     user_errors,
@@ -35,6 +38,8 @@ def train(
     seed: int = typer.Option(0, min=0),
     checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints; a killed run resumes from the last one."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    device: str = DeviceOpt,
+    dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16 (autocast with float32 master weights; auto picks it on a GPU that has it). float16 is refused: it needs loss scaling."),
 ):
     """Train a diffusion UNet (epsilon prediction, DDPM, EMA weights). Resumes if --out holds a checkpoint."""
     import time
@@ -46,6 +51,10 @@ def train(
     from ..train import train as run_train
 
     set_threads(threads)
+    from ..devices import training_dtype
+
+    placed = placement_from_options(device, dtype)
+    training_dtype(placed[1])
     check_folder_target(out)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed,
                       checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, label_dropout=label_dropout,
@@ -64,7 +73,7 @@ def train(
         unet = build_default_unet(seed, sample_size=resolution, in_channels=c, out_channels=c, num_class_embeds=None)
     t0 = time.perf_counter()
     with run_folder(out), progress_bar() as progress:
-        summary = run_train(unet, images, out, cfg, progress=progress, labels=labels)
+        summary = run_train(unet, images, out, cfg, progress=progress, labels=labels, device=placed[0], dtype=placed[1])
     console.print(
         f"trained {steps} steps on {images.shape[0]} images; final loss {summary['final_loss_last200']:.4f}; "
         f"this run {time.perf_counter() - t0:.0f} s, total {summary['wall_time_s']:.0f} s -> {out}"
@@ -96,6 +105,8 @@ def metric_study_cmd(
     main_samples: int = typer.Option(500, min=10, help="The main job's sample count, for check (c)."),
     seed: int = typer.Option(0, min=0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ):
     """Does the quality metric rank? Floor, noise / blur / DDIM-steps responses and resolution (docs/metrics.md)."""
     from ..metrics import QualityMeter
@@ -104,8 +115,9 @@ def metric_study_cmd(
     from ..outputs import check_folder_target, run_folder
 
     set_threads(threads)
+    placed = placement_from_options(device, dtype)
     check_folder_target(out)
-    loaded = load_model(model)
+    loaded = load_model(model, device=placed[0], dtype=placed[1])
     meter = QualityMeter.for_loaded(loaded)
     with run_folder(out), progress_bar() as progress:
         res = run_study(loaded, meter, out, samples, main_samples, seed, progress=progress)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..cost import count_macs, measure_latency, timing_machine
+from ..devices import placement
 from ..errors import FlexdiffError
 from ..fingerprints import data_fingerprint, weights_fingerprint
 from ..io import load_weights, read_json, save_safetensors, write_json
@@ -185,7 +186,7 @@ class ExpertsPipeline:
         (`out/latency/`, one per machine, thread count and batch)."""
         import json
 
-        f = self.out / "latency" / f"{timing_machine()}-b{self.cfg.latency_batch}.json"
+        f = self.out / "latency" / f"{timing_machine(*placement(self.teacher))}-b{self.cfg.latency_batch}.json"
         if not hasattr(self, "_latency"):
             self._latency = read_json(f, "the latency table") if f.exists() else {}
         key = json.dumps(spec.to_dict(), sort_keys=True)

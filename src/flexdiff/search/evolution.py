@@ -88,7 +88,7 @@ def _rank_and_crowding(objs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Search:
     def __init__(self, space, costs: StepCosts, teacher_macs: float, fitness: Callable[[Schedule], tuple[float, float]],
                  cfg: SearchConfig, out_dir: Path, progress=None, model_fingerprint: str | None = None,
-                 workers: Workers = SERIAL, reference_fingerprint: str | None = None):
+                 workers: Workers = SERIAL, reference_fingerprint: str | None = None, runs_on: str | None = None):
         self.space, self.costs, self.fitness, self.cfg = space, costs, fitness, cfg
         self.workers = workers  # not part of the identity: a parallel run resumes a serial one and vice versa
         self.teacher_macs = teacher_macs
@@ -104,6 +104,8 @@ class Search:
             self.identity["model"] = model_fingerprint
         if reference_fingerprint is not None:  # scored against another model's teacher run (left out otherwise)
             self.identity["reference"] = reference_fingerprint
+        if runs_on is not None:  # the device type and dtype, where not the CPU in float32 (older states resume)
+            self.identity["runs_on"] = runs_on
 
     # --- state --------------------------------------------------------------------------
     def _fresh_state(self) -> dict:

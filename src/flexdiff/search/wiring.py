@@ -47,7 +47,8 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
                                 f"({ref_shape[0]} channels at {ref_shape[1]}) than the searched one")
     search = Search(space, costs, costs.schedule_macs(teacher), None, cfg, out_dir, progress,
                     model_fingerprint=model_fingerprint or weights_fingerprint(model.unet), workers=workers,
-                    reference_fingerprint=None if reference is None else weights_fingerprint(reference.unet))
+                    reference_fingerprint=None if reference is None else weights_fingerprint(reference.unet),
+                    runs_on=_runs_on(model.unet))
     # refused before the teacher runs (the slow part): an impossible budget, a damaged or foreign state
     search._initial(np.random.default_rng(cfg.seed))
     search._load_state()
@@ -61,6 +62,16 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     search.fitness = Fitness(model, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
                              teacher_cache or out_dir, teacher_features=reference_features, **common)
     return search
+
+
+def _runs_on(unet) -> str | None:
+    """'cuda-bfloat16' and the like: part of a search's identity, except on the CPU in float32 (left out, so
+    the states saved before devices were an option still resume)."""
+    from ..devices import dtype_name, placement
+
+    device, dtype = placement(unet)
+    tag = f"{device.type}-{dtype_name(dtype)}"
+    return None if tag == "cpu-float32" else tag
 
 
 __all__ = ["search_from_settings"]
