@@ -16,7 +16,6 @@ from flexdiff.engine import apply_schedule
 from flexdiff.samplers import DEFAULT_SCHEDULER_CONFIG
 from flexdiff.schedule import FULL, NULL, Schedule, partial
 
-
 DEVICE = torch.device(os.environ.get("FLEXDIFF_TEST_DEVICE", "cpu"))  # make gpu-check runs these on CUDA
 
 
