@@ -88,6 +88,25 @@ CASES += [
     (["train", "--device", "cuda", "--steps", "1", "--out", "{out}"], "--device cuda"),
     ([*SAMPLE, "--dtype", "float64", "--out", "{out}/g.png"], "--dtype 'float64': accepted values are auto, float32"),
     (["search", "--model", "{model}", "--speedup", "2", "--dtype", "half", "--out", "{out}"], "--dtype 'half'"),
+    # issue 28: options that would be ignored, JSON fields of the wrong type, sizes diffusers or torch refuse
+    ([*SAMPLE[:3], "--schedule", "{ok_schedule}", "--steps", "10", "--out", "{out}/g.png"], "leave out --steps 10"),
+    ([*SAMPLE[:3], "--schedule", "{ok_schedule}", "--deepcache", "3", "--out", "{out}/g.png"], "leave out --deepcache 3"),
+    ([*SAMPLE[:3], "--branch", "2", "--out", "{out}/g.png"], "--branch 2 is the cache branch of --deepcache"),
+    ([*SAMPLE[:3], "--deepcache", "3", "--branch", "99", "--out", "{out}/g.png"], "--deepcache 3 --branch 99"),
+    ([*SAMPLE[:3], "--steps", "100000", "--out", "{out}/g.png"], "--steps 100000: 100000 steps, but the model was trained on 1000"),
+    ([*SAMPLE[:3], "--schedule", "{long_schedule}", "--out", "{out}/g.png"], "at most 1000 steps"),
+    ([*SAMPLE[:3], "--schedule", "{format99_schedule}", "--out", "{out}/g.png"], "format is 99"),
+    ([*SAMPLE[:3], "--schedule", "{float_t_schedule}", "--out", "{out}/g.png"], "timesteps is [500.5, 100.2]"),
+    ([*SAMPLE[:3], "--schedule", "{bool_t_schedule}", "--out", "{out}/g.png"], "timesteps is [True, False]"),
+    (["sample", "--model", "{mixture_unknown_field}", "--out", "{out}/g.png"], "unknown field 'budgett'"),
+    (["sample", "--model", "{class_config_no_weights}", "--out", "{out}/g.png"], "config.json and the weights disagree"),
+    (["search", "--model", "{model}", "--speedup", "2", "--steps", "", "--out", "{out}"], "--steps ''"),
+    (["sample", "--model", "{size0}", "--out", "{out}/g.png"], "sample_size is 0; expected a whole number above 0"),
+    (["sample", "--model", "{short_T}", "--steps", "50", "--out", "{out}/g.png"], "trained on 10 timesteps: at most 10"),
+    ([*SAMPLE[:3], "--n", "100000000000", "--out", "{out}/g.png"], "out of memory"),
+    (["search", "--model", "{model}", "--speedup", "nan", "--out", "{out}"], "--speedup nan: must be a finite"),
+    (["bench", "--model", "{model}", "--search-budgets", "", "--out", "{out}"], "--search-budgets ''"),
+    (["bench", "--model", "{model}", "--deepcache-branches", "99", "--out", "{out}"], "--deepcache-branches 99: the model"),
     # damaged state in an existing --out: refused, and nothing added
     (["train", "--out", "{foreign_checkpoint_run}", "--steps", "1"], "not a flexdiff training checkpoint"),
     (["train", "--out", "{pickled_checkpoint_run}", "--steps", "1"], "cannot read this checkpoint"),
@@ -149,6 +168,16 @@ def world(tmp_path, tiny_model_dir):
     w["late_schedule"] = schedule("late.json", {"sampler": "dpmsolver++", "steps": ["full", "full"],
                                                 "timesteps": [1200, 600]})
     w["branch_schedule"] = schedule("branch.json", {"sampler": "ddim", "steps": ["full", "partial:99"]})
+    w["format99_schedule"] = schedule("format99.json", {"format": 99, "sampler": "ddim", "steps": ["full"]})
+    w["float_t_schedule"] = schedule("float_t.json", {"sampler": "dpmsolver++", "steps": ["full", "full"],
+                                                      "timesteps": [500.5, 100.2]})
+    w["bool_t_schedule"] = schedule("bool_t.json", {"sampler": "dpmsolver++", "steps": ["full", "full"],
+                                                    "timesteps": [True, False]})
+    w["long_schedule"] = schedule("long.json", {"sampler": "ddim", "steps": ["full"] * 5000})
+    w["ok_schedule"] = schedule("ok.json", {"sampler": "ddim", "steps": ["full", "full"]})
+    w["size0"] = model_copy("size0", edit=lambda c: {**c, "sample_size": 0})
+    w["short_T"] = model_copy("short_T", sched_edit=lambda c: {**c, "num_train_timesteps": 10})
+    w["class_config_no_weights"] = model_copy("class_mismatch", edit=lambda c: {**c, "num_class_embeds": 5})
 
     mix = _tiny_mixture(tmp_path / "mixture_swapped", tiny_model_dir)
     os.rename(mix / "expert_0", mix / "tmp")
@@ -164,6 +193,10 @@ def world(tmp_path, tiny_model_dir):
     man["experts"][1]["folder"] = "../mixture_other_T/expert_1"
     (mix / "mixture.json").write_text(json.dumps(man))
     w["mixture_escape"] = mix
+    mix = _tiny_mixture(tmp_path / "mixture_unknown_field", tiny_model_dir)
+    man = json.loads((mix / "mixture.json").read_text())
+    (mix / "mixture.json").write_text(json.dumps({**man, "budgett": 0.5}))
+    w["mixture_unknown_field"] = mix
 
     run = tmp_path / "foreign_run"
     run.mkdir()
@@ -288,3 +321,48 @@ def test_a_negative_seed_is_refused_by_its_option(verb, tmp_path):
     result = CliRunner().invoke(app, [verb, "--seed", "-1", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "--seed" in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--labels", ""], "--labels ''"),
+    (["--labels", "3", "--guidance", "nan"], "--guidance nan: must be a finite number"),
+    (["--seed", str(2 ** 70)], "--seed"),
+])
+def test_class_conditional_options_are_refused_before_sampling(tmp_path, args, fragment):
+    from conftest import tiny_class_unet
+    from flexdiff.models import save_model
+    from flexdiff.samplers import DEFAULT_SCHEDULER_CONFIG
+
+    model = save_model(tiny_class_unet(), dict(DEFAULT_SCHEDULER_CONFIG), tmp_path / "class_model")
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(app, ["sample", "--model", str(model), "--steps", "2", *args,
+                                      "--out", str(tmp_path / "g.png")])
+    assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
+    assert _tree(tmp_path) == before
+
+
+def test_a_model_whose_config_drops_its_class_weights_is_refused(tmp_path):
+    """config.json says num_class_embeds: null while the weights hold a class embedding: refused, naming the key
+    (diffusers would load it without the class weights, with a warning at most)."""
+    from conftest import tiny_class_unet
+    from flexdiff.errors import FlexdiffError
+    from flexdiff.models import load_model, save_model
+    from flexdiff.samplers import DEFAULT_SCHEDULER_CONFIG
+
+    folder = save_model(tiny_class_unet(), dict(DEFAULT_SCHEDULER_CONFIG), tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_class_embeds": None}))
+    with pytest.raises(FlexdiffError, match="no place for .*class_embedding"):
+        load_model(folder)
+
+
+def test_a_refused_training_rerun_names_the_setting_that_changed(tmp_path):
+    from flexdiff.errors import FlexdiffError
+    from flexdiff.models import build_default_unet
+    from flexdiff.train import TrainConfig, train
+
+    images, labels = torch.rand(8, 1, 16, 16) * 2 - 1, torch.arange(8) % 10
+    train(build_default_unet(0), images, tmp_path / "run", TrainConfig(steps=1, batch_size=2, warmup=1), labels=labels)
+    with pytest.raises(FlexdiffError, match=r"--lr 0.001 then, 0.002 now"):
+        train(build_default_unet(0), images, tmp_path / "run", TrainConfig(steps=1, batch_size=2, warmup=1, lr=2e-3),
+              labels=labels)

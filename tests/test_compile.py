@@ -86,17 +86,23 @@ def test_a_compiled_unet_runs_a_static_schedule_without_graph_breaks_or_recompil
 
 
 def test_compiling_before_apply_schedule_also_works():
-    """`pipe.unet = torch.compile(pipe.unet)` first, then apply_schedule: the engine's decision runs outside
-    the compiled module, and the result is the eager one."""
+    """`pipe.unet = torch.compile(pipe.unet)` first, then apply_schedule: the engine hooks the module the compiled
+    one wraps, so the same graphs as above are made (no break, no recompile), and the result is the eager one."""
     unet = tiny_unet().to(DEVICE)
     schedule = Schedule.deepcache("ddim", 6, 3, 0)
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     scheduler = DDIMScheduler.from_config(DEFAULT_SCHEDULER_CONFIG)
     with apply_schedule(SimpleNamespace(unet=unet, scheduler=scheduler), schedule):
         eager = _loop(unet, scheduler, schedule, x)
+    from torch._dynamo import reset
+
+    reset()
     backend = Counting()
-    compiled = torch.compile(unet, backend=backend)
+    compiled = torch.compile(unet, backend=backend, fullgraph=True)
     with apply_schedule(SimpleNamespace(unet=compiled, scheduler=scheduler), schedule) as engine:
         out = _loop(compiled, scheduler, schedule, x)
-        assert engine.calls == {"full": 2, "partial": 4, "null": 0}
-    assert torch.allclose(out, eager, atol=1e-5)
+        graphs = backend.graphs
+        again = _loop(compiled, scheduler, schedule, x)
+        assert engine.calls == {"full": 4, "partial": 8, "null": 0}
+    assert backend.graphs == graphs <= 3
+    assert torch.allclose(out, eager, atol=1e-5) and torch.equal(out, again)

@@ -151,6 +151,8 @@ class StepEngine:
         # `unet`: a diffusers UNet, or a flexdiff mixture of experts (one UNet per timestep interval).
         # `pipeline`: the object whose `.scheduler` runs the steps, read at every run (a scheduler swapped
         # after apply_schedule is followed); else the fixed `pipeline_scheduler`.
+        # a torch.compile'd module: hook the module it compiles, so the hooks run inside its graphs
+        unet = getattr(unet, "_orig_mod", unet)
         self.unet = unet
         self._pipeline = pipeline
         self._scheduler = pipeline_scheduler

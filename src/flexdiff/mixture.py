@@ -228,6 +228,13 @@ def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], s
     return out_dir
 
 
+# What mixture.json may hold (save_mixture's fields, and what `flexdiff experts` records), and each expert entry
+MANIFEST_FIELDS = frozenset({"format", "model_class", "intervals", "experts", "budget", "budget_kind", "sampler",
+                             "num_steps", "steps_served", "macs_per_call", "teacher_macs_per_call",
+                             "fraction_of_teacher", "settings", "pipeline", "baseline"})
+EXPERT_FIELDS = frozenset({"folder", "interval", "spec", "weights", "parameters"})
+
+
 def load_mixture(path: Path) -> tuple[Mixture, dict]:
     """Load a mixture folder; every problem names the file and the field."""
     path = Path(path)
@@ -237,11 +244,14 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
     man = read_json_object(man_file, "the mixture manifest")
     if man.get("format") != FORMAT:
         raise FlexdiffError(f"{man_file}: format is {man.get('format')!r}; expected {FORMAT!r}")
+    unknown = sorted(set(man) - MANIFEST_FIELDS)
+    if unknown:  # a typo must not pass unnoticed
+        raise FlexdiffError(f"{man_file}: unknown field {unknown[0]!r}; accepted fields: {', '.join(sorted(MANIFEST_FIELDS))}")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     cls = classes.get(man.get("model_class"))
     if cls is None:
         raise FlexdiffError(f"{man_file}: model_class is {man.get('model_class')!r}; accepted: {', '.join(classes)}")
-    intervals = Intervals.from_dict(man.get("intervals") or {}, where=f"{man_file} intervals")
+    intervals = Intervals.from_dict(man.get("intervals") or {}, where=f"{man_file}: intervals")
     entries = man.get("experts")
     if not isinstance(entries, list) or len(entries) != intervals.k:
         raise FlexdiffError(f"{man_file}: 'experts' must list one entry per interval ({intervals.k})")
@@ -251,6 +261,9 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
         where = f"{man_file} experts[{k}]"
         if not isinstance(entry, dict):
             raise FlexdiffError(f"{where}: expected an object with 'folder' and 'spec'")
+        unknown = sorted(set(entry) - EXPERT_FIELDS)
+        if unknown:
+            raise FlexdiffError(f"{where}: unknown field {unknown[0]!r}; accepted fields: {', '.join(sorted(EXPERT_FIELDS))}")
         name = entry.get("folder")
         folder = (path / str(name)).resolve() if isinstance(name, str) and name else None
         if folder is None or folder == root or root not in folder.parents:

@@ -152,6 +152,10 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
             f"{' in unet/' if unet_dir != path else ' and no model_index.json'})"
         )
     config = read_json_object(config_file, "the UNet config")
+    for field in ("sample_size", "in_channels", "out_channels"):
+        v = config.get(field)
+        if field in config and not (type(v) is int and v > 0) and not (field == "sample_size" and v is None):
+            raise FlexdiffError(f"{config_file}: {field} is {v!r}; expected a whole number above 0")
     cls_name = config.get("_class_name")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     if cls_name not in classes:
@@ -164,18 +168,33 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
             f"{option} {path}: no safetensors weights in {unet_dir} (flexdiff does not unpickle "
             "*.bin files; convert them with diffusers' save_pretrained(safe_serialization=True))"
         )
-    try:
-        unet = classes[cls_name].from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
-    except FlexdiffError:
-        raise
-    except Exception as e:  # diffusers raises many kinds for corrupt files
-        raise FlexdiffError(f"{option} {path}: cannot load the weights ({first_line(e)})") from None
+    unet = load_strict(classes[cls_name], unet_dir, f"{option} {path}")
     unet.eval().requires_grad_(False)
     sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
         if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
     index = pipeline_index(path)
     parts = PipelineParts.load(path, unet) if needs_parts(index) else None
     return LoadedModel(unet=unet, scheduler_config=sched, path=path, parts=parts)
+
+
+def load_strict(cls, folder: Path, where: str):
+    """`cls.from_pretrained(folder)` from safetensors, refusing weights that do not match the config: a key the
+    config has no place for (say a class embedding under `num_class_embeds: null`) or a layer it lacks weights
+    for would otherwise be dropped or left random, with no more than a warning."""
+    try:
+        model, info = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False, output_loading_info=True)
+    except FlexdiffError:
+        raise
+    except Exception as e:  # diffusers raises many kinds for corrupt files
+        raise FlexdiffError(f"{where}: cannot load the weights ({first_line(e)})") from None
+    for what, why in (("unexpected_keys", "the weights hold tensors its config.json has no place for"),
+                      ("missing_keys", "its config.json asks for layers the weights do not hold"),
+                      ("mismatched_keys", "tensors whose shapes differ from what config.json builds")):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(what) or []]
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            raise FlexdiffError(f"{where}: config.json and the weights disagree: {why} ({shown})")
+    return model
 
 
 def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:

@@ -65,6 +65,11 @@ class PipelineParts:
         except Exception as e:  # diffusers / transformers raise many kinds for a broken folder
             raise FlexdiffError(f"--model {path}: cannot load the pipeline's other parts ({first_line(e)}); flexdiff loads "
                                 "safetensors weights and local tokenizer files only") from None
+        for part in DECODERS + ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            if _present(index, part) and getattr(pipe, part, None) is None:  # named, but nothing came of it
+                raise FlexdiffError(f"--model {path}: model_index.json names a {part} ({index[part][1]}) that could not "
+                                    f"be loaded from {path / part}; without it the samples would not be "
+                                    f"{'decoded' if part in DECODERS else 'conditioned on the prompts'}")
         for part in ("vae", "vqvae", "text_encoder", "text_encoder_2"):
             m = getattr(pipe, part, None)
             if isinstance(m, torch.nn.Module):

@@ -176,6 +176,20 @@ class Schedule:
                 raise FlexdiffError(f"{where}: missing field {key!r}")
         if not isinstance(data["steps"], list):
             raise FlexdiffError(f"{where}: field 'steps' must be a list")
+        if "format" in data and (type(data["format"]) is not int or data["format"] != SCHEDULE_FORMAT):
+            raise FlexdiffError(f"{where}: format is {data['format']!r}; this flexdiff reads format {SCHEDULE_FORMAT}")
+        if not isinstance(data["sampler"], str):
+            raise FlexdiffError(f"{where}: sampler is {data['sampler']!r}; expected a name such as 'dpmsolver++'")
+        ts = data.get("timesteps")
+        if ts is not None and (not isinstance(ts, list) or any(type(t) is not int for t in ts)):
+            raise FlexdiffError(f"{where}: timesteps is {ts!r}; expected a list of whole numbers (training timesteps, "
+                                "strictly decreasing), or leave the field out for the sampler's own spacing")
+        if "num_steps" in data and type(data["num_steps"]) is not int:
+            raise FlexdiffError(f"{where}: num_steps is {data['num_steps']!r}; expected a whole number")
+        if "name" in data and not isinstance(data["name"], str):
+            raise FlexdiffError(f"{where}: name is {data['name']!r}; expected a string")
+        if "meta" in data and not isinstance(data["meta"], dict):
+            raise FlexdiffError(f"{where}: meta is {data['meta']!r}; expected a JSON object")
         steps = tuple(Step.parse(s, f"{where}: steps[{i}]") for i, s in enumerate(data["steps"]))
         if "num_steps" in data and data["num_steps"] != len(steps):
             raise FlexdiffError(

@@ -147,10 +147,20 @@ def train(
         if ck.get("data", data_fp) != data_fp:
             return (f"this run was trained on other data (fingerprint {ck['data']}, now {data_fp}); use the same "
                     "--data to resume, or another --out folder")
-        saved = TrainConfig(**ck["config"]) if isinstance(ck.get("config"), dict) else None
-        if saved is None or saved.resume_key() != cfg.resume_key() or ck["step"] > cfg.steps:
-            return (f"checkpoint was written with other settings {ck.get('config')}; use the same settings to "
-                    "resume or another --out folder")
+        try:
+            saved = TrainConfig(**ck["config"]) if isinstance(ck.get("config"), dict) else None
+        except (TypeError, FlexdiffError):
+            saved = None
+        if saved is None:
+            return f"checkpoint was written with settings this flexdiff cannot read ({ck.get('config')}); use another --out folder"
+        old, new = saved.resume_key(), cfg.resume_key()
+        changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        if changed:
+            said = ", ".join(f"--{k.replace('_', '-')} {a} then, {b} now" for k, (a, b) in changed.items())
+            return f"checkpoint was written with other settings ({said}); use the same settings to resume or another --out folder"
+        if ck["step"] > cfg.steps:
+            return (f"checkpoint is at step {ck['step']}, beyond --steps {cfg.steps}; give --steps {ck['step']} or more, "
+                    "or another --out folder")
         return None
 
     fit = Fit(out_dir / "checkpoint.pt", cfg.steps, torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0),

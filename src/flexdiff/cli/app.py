@@ -7,6 +7,7 @@ live in the library, so a command reads its options, calls the library and print
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -68,6 +69,15 @@ def user_errors(fn):
         except FlexdiffError as e:
             console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
+        except (MemoryError, RuntimeError) as e:  # a size the user chose that the machine cannot hold
+            text = str(e)
+            if not isinstance(e, MemoryError) and "out of memory" not in text.lower() \
+                    and "can't allocate memory" not in text.lower():
+                raise
+            console.print("[red]error:[/red] out of memory: the samples, batch or model asked for do not fit on this "
+                          "machine (lower --n, --samples, --eval-samples or the batch size)", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(2)
         except OSError as e:  # the machine said no (disk full, permissions): the user's to fix, not a bug
             where = f" {e.filename}" if e.filename else ""
             console.print(f"[red]error:[/red] cannot read or write{escape(where)}: {escape(e.strerror or str(e))}",
@@ -116,18 +126,38 @@ def parse_ints(text: str, option: str, minimum: int = 1) -> tuple[int, ...]:
     return values
 
 
-def resolve_schedule(schedule: Optional[Path], sampler: str, steps: int,
-                      deepcache: Optional[int], branch: int, loaded):
-    """The schedule to run, checked against the model before any sampling."""
+def check_schedule_options(schedule: Optional[Path], sampler: Optional[str], steps: Optional[int],
+                           deepcache: Optional[int], branch: Optional[int]) -> None:
+    """Options that would be ignored are refused, before anything is read or written: a schedule file says the
+    sampler, the steps and each step's kind; --branch belongs to --deepcache."""
     from ..samplers import check_sampler
+
+    given = [f"--{name} {value}" for name, value in (("sampler", sampler), ("steps", steps), ("deepcache", deepcache),
+                                                     ("branch", branch)) if value is not None]
+    if schedule is not None and given:
+        raise FlexdiffError(f"--schedule {schedule} already says the sampler, the steps and each step's kind: leave out "
+                            f"{', '.join(given)}")
+    if branch is not None and deepcache is None:
+        raise FlexdiffError(f"--branch {branch} is the cache branch of --deepcache's partial steps: give --deepcache N too")
+    if sampler is not None:
+        check_sampler(sampler)
+
+
+def resolve_schedule(schedule: Optional[Path], sampler: Optional[str], steps: Optional[int],
+                     deepcache: Optional[int], branch: Optional[int], loaded):
+    """The schedule to run, checked against the model before any sampling; an error names the options or the file
+    the schedule came from."""
     from ..schedule import Schedule
 
+    check_schedule_options(schedule, sampler, steps, deepcache, branch)
     if schedule is not None:
-        sched = Schedule.load(schedule)
+        sched, where = Schedule.load(schedule), f"--schedule {schedule}"
     else:
-        check_sampler(sampler)
+        sampler, steps, branch = sampler or "ddim", steps or 100, branch or 0
+        where = " ".join(f"--{n} {v}" for n, v in (("sampler", sampler), ("steps", steps), ("deepcache", deepcache),
+                                                   ("branch", branch if deepcache else None)) if v is not None)
         sched = Schedule.deepcache(sampler, steps, deepcache, branch) if deepcache else Schedule.full(sampler, steps)
-    check_schedule(sched, loaded, f"--schedule {schedule}" if schedule is not None else "")
+    check_schedule(sched, loaded, where)
     return sched
 
 
@@ -135,9 +165,11 @@ def check_schedule(sched, loaded, where: str) -> None:
     """Does `sched` run on this model (branches, timesteps)? The message names the file it came from."""
     from ..anatomy import num_branches
 
+    T = int(loaded.scheduler_config.get("num_train_timesteps", 1000))
     try:
-        sched.check_fits(num_branches(loaded.unet),
-                         num_train_timesteps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)))
+        if sched.num_steps > T:
+            raise FlexdiffError(f"{sched.num_steps} steps, but the model was trained on {T} timesteps: at most {T} steps")
+        sched.check_fits(num_branches(loaded.unet), num_train_timesteps=T)
     except FlexdiffError as e:
         raise FlexdiffError(f"{where}: {e}" if where else str(e)) from None
 
@@ -200,6 +232,7 @@ def conditioning_from_options(loaded, cond: Optional[Path], labels: Optional[str
     from ..sampling import class_conditioning, num_classes, parse_labels
 
     classes = num_classes(loaded.unet)
+    check_finite(guidance, "--guidance")
     if (prompts is not None or negative is not None) and not loaded.has_text:
         raise FlexdiffError(f"--prompt/--prompts/--negative-prompt: the model at {loaded.path} has no text encoder "
                             "(give a pipeline folder with text_encoder/ and tokenizer/)")
@@ -209,7 +242,7 @@ def conditioning_from_options(loaded, cond: Optional[Path], labels: Optional[str
     if classes is not None:
         if cond is not None:
             raise FlexdiffError("--cond is only for conditional UNets (UNet2DConditionModel); this model takes --labels")
-        return class_conditioning(loaded.unet, parse_labels(labels, classes) if labels else (), n, guidance)
+        return class_conditioning(loaded.unet, parse_labels(labels, classes) if labels is not None else (), n, guidance)
     if guidance != 1.0 and not loaded.is_conditional:
         raise FlexdiffError("--guidance needs a conditional model (--prompt or --cond for a UNet2DConditionModel, "
                             "--labels for a class-conditional UNet2DModel)")
@@ -237,7 +270,7 @@ def labels_from_options(loaded, labels: Optional[str], guidance: float) -> tuple
     conditioning_from_options(loaded, None, labels, guidance, 1)
     from ..sampling import num_classes, parse_labels
 
-    return parse_labels(labels, num_classes(loaded.unet)) if labels else ()
+    return parse_labels(labels, num_classes(loaded.unet)) if labels is not None else ()
 
 
 WorkersOpt = typer.Option(None, "--workers", min=1, help="Run the independent jobs on N local Ray workers (pip install 'flexdiff[ray]'); each uses --threads torch threads. Default: serially here.")
@@ -251,20 +284,29 @@ def workers_from_options(workers: Optional[int], address: Optional[str], threads
     return from_options(workers, address, threads, gpus)
 
 
-SamplerOpt = typer.Option("ddim", "--sampler", help="ddim | dpmsolver++ | euler (ignored with --schedule).")
-StepsOpt = typer.Option(100, "--steps", min=1, help="Sampler steps (ignored with --schedule).")
+SamplerOpt = typer.Option(None, "--sampler", help="ddim (default) | dpmsolver++ | euler | unipc (not with --schedule, which says it).")
+StepsOpt = typer.Option(None, "--steps", min=1, help="Sampler steps (default 100; not with --schedule, which says it).")
 ScheduleOpt = typer.Option(None, "--schedule", help="A schedule JSON (full / partial:<branch> / null per step).")
 DeepCacheOpt = typer.Option(None, "--deepcache", min=1, help="DeepCache uniform 1:N: a full step every N steps, partial between.")
-BranchOpt = typer.Option(0, "--branch", min=0, help="Cache branch of partial steps for --deepcache (0 = cheapest).")
+BranchOpt = typer.Option(None, "--branch", min=0, help="Cache branch of partial steps for --deepcache (default 0, the cheapest).")
 
 
 def parse_floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
     if text is None:
         return None
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise FlexdiffError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.0625,0.1") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise FlexdiffError(f"{option} {text!r}: give one or more finite numbers, e.g. 0.0625,0.1 (or 'none')")
+    return values
+
+
+def check_finite(value: Optional[float], option: str) -> None:
+    """nan and inf pass typer's range checks (every comparison with nan is false): refuse them by name."""
+    if value is not None and not math.isfinite(value):
+        raise FlexdiffError(f"{option} {value}: must be a finite number")
 
 
 def training_images_from_option(data: Optional[Path], loaded):

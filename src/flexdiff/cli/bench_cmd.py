@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import FlexdiffError
 from .app import (
     DeviceOpt,
     DtypeOpt,
@@ -38,7 +39,7 @@ def bench(
     model: Optional[Path] = ModelOpt,
     preset: str = typer.Option("quick", help="quick (the README's main job, about 15 minutes), full (docs/bench.md) or search (docs/search.md: the searches at 1/8, 1/16, 1/25 against the solvers)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Override the preset's samples per method."),
-    seed: int = typer.Option(0, min=0, help="Seed of the shared initial noise."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the shared initial noise."),
     teacher_steps: Optional[int] = typer.Option(None, min=1, help="Teacher DDIM steps (preset: 100)."),
     ddim_steps: Optional[str] = typer.Option(None, help="DDIM step counts, e.g. 5,10,20,50."),
     dpm_steps: Optional[str] = typer.Option(None, help="DPM-Solver++ step counts, e.g. 5,10,20."),
@@ -78,11 +79,11 @@ def bench(
     placed = placement_from_options(device, dtype)
     cfg = config_from_options(
         preset, samples=samples, seed=seed, teacher_steps=teacher_steps,
-        ddim_steps=ddim_steps and parse_ints(ddim_steps, "--ddim-steps"),
-        dpm_steps=dpm_steps and parse_ints(dpm_steps, "--dpm-steps"),
-        unipc_steps=unipc_steps and parse_ints(unipc_steps, "--unipc-steps"),
-        deepcache_intervals=deepcache and parse_ints(deepcache, "--deepcache"),
-        deepcache_branches=deepcache_branches and parse_ints(deepcache_branches, "--deepcache-branches", minimum=0),
+        ddim_steps=None if ddim_steps is None else parse_ints(ddim_steps, "--ddim-steps"),
+        dpm_steps=None if dpm_steps is None else parse_ints(dpm_steps, "--dpm-steps"),
+        unipc_steps=None if unipc_steps is None else parse_ints(unipc_steps, "--unipc-steps"),
+        deepcache_intervals=None if deepcache is None else parse_ints(deepcache, "--deepcache"),
+        deepcache_branches=None if deepcache_branches is None else parse_ints(deepcache_branches, "--deepcache-branches", minimum=0),
         search_budgets=() if search_budgets == "none" else parse_floats(search_budgets, "--search-budgets"),
         expert_budgets=() if expert_budgets == "none" else parse_floats(expert_budgets, "--expert-budgets"),
         composed_speedups=() if composed == "none" else parse_floats(composed, "--composed"),
@@ -100,6 +101,13 @@ def bench(
     for path in mixture:
         if str(path) != "default":
             load_model(path)  # a broken mixture folder is refused now, not after the searches
+    from ..anatomy import num_branches
+
+    nb = num_branches(loaded.unet)
+    if any(b >= nb for b in cfg.deepcache_branches):  # refused before the output folder is made
+        given = f"--deepcache-branches {deepcache_branches}" if deepcache_branches is not None else \
+            f"the {preset} preset's DeepCache branches {list(cfg.deepcache_branches)} (set --deepcache-branches)"
+        raise FlexdiffError(f"{given}: the model at {loaded.path} has branches 0..{nb - 1}")
     cfg = replace(cfg, labels=labels_from_options(loaded, labels, guidance), guidance=guidance,
                   prompts=prompts_for_config(loaded, prompt, prompts, negative_prompt, guidance),
                   negative_prompt=negative_prompt)

@@ -34,7 +34,7 @@ def intervals_cmd(
     measure: str = typer.Option("mean", help="Similarity to cluster: grad (loss-gradient cosine), cka (activation CKA) or mean."),
     timesteps: int = typer.Option(20, "--timesteps", min=2, help="Timesteps sampled evenly over the training range."),
     images: int = typer.Option(128, "--images", min=2, help="Images (with one fixed noise) per timestep."),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
 ):
     """Timestep similarity (gradient cosine and activation CKA), heat map, and contiguous intervals."""
@@ -75,7 +75,7 @@ def experts_cmd(
     agent_steps: int = typer.Option(150, min=1, help="Routing agent steps."),
     final_steps: int = typer.Option(1200, min=1, help="Fine-tuning steps per extracted expert."),
     batch_size: int = typer.Option(64, min=1),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
     baselines: bool = typer.Option(False, "--baselines", help="Also build the Diff-Pruning single model and the uniform-width experts at the same MACs."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (of each worker with --workers)."),
     workers: Optional[int] = WorkersOpt,

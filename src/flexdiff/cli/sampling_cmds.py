@@ -24,6 +24,7 @@ from .app import (
     StepsOpt,
     app,
     check_output_file,
+    check_schedule_options,
     conditioning_from_options,
     console,
     placement_from_options,
@@ -41,12 +42,12 @@ def sample_cmd(
     out: Path = typer.Option(Path("samples.png"), "--out", help="PNG grid to write."),
     model: Optional[Path] = ModelOpt,
     schedule: Optional[Path] = ScheduleOpt,
-    sampler: str = SamplerOpt,
-    steps: int = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    steps: Optional[int] = StepsOpt,
     deepcache: Optional[int] = DeepCacheOpt,
-    branch: int = BranchOpt,
+    branch: Optional[int] = BranchOpt,
     n: int = typer.Option(64, "--n", min=1, help="Number of images."),
-    seed: int = typer.Option(0, min=0, help="Seed of the initial noise."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the initial noise."),
     cond: Optional[Path] = typer.Option(None, "--cond", help="Conditional UNets: safetensors with 'encoder_hidden_states' [and 'negative']."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
@@ -66,6 +67,7 @@ def sample_cmd(
 
     set_threads(threads)
     placed = placement_from_options(device, dtype)
+    check_schedule_options(schedule, sampler, steps, deepcache, branch)
     check_output_file(out, "--out")
     if out.suffix.lower() != ".png":
         raise FlexdiffError(f"--out {out}: the sample grid is a PNG; give a name ending in .png")
@@ -98,12 +100,12 @@ def sample_cmd(
 def evaluate(
     model: Optional[Path] = ModelOpt,
     schedule: Optional[Path] = ScheduleOpt,
-    sampler: str = SamplerOpt,
-    steps: int = StepsOpt,
+    sampler: Optional[str] = SamplerOpt,
+    steps: Optional[int] = StepsOpt,
     deepcache: Optional[int] = DeepCacheOpt,
-    branch: int = BranchOpt,
+    branch: Optional[int] = BranchOpt,
     samples: int = typer.Option(1000, min=2, help="Samples to draw. On the default model FID's 95% interval is about ±33 at 1,000 and ±25 at 2,000; the paired difference to the teacher is several times narrower (docs/metrics.md)."),
-    seed: int = typer.Option(0, min=0, help="Seed of the initial noise (shared with the teacher)."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the initial noise (shared with the teacher)."),
     teacher_steps: int = typer.Option(100, min=1, help="The teacher is DDIM with this many steps, on the same noise."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="pytorch-fid Inception weights file: standard FID instead of the digits classifier."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
@@ -129,6 +131,7 @@ def evaluate(
 
     set_threads(threads)
     placed = placement_from_options(device, dtype)
+    check_schedule_options(schedule, sampler, steps, deepcache, branch)
     check_output_file(out, "--out")
     loaded = load_model(model, device=placed[0], dtype=placed[1])
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)

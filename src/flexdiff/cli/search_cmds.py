@@ -21,6 +21,7 @@ from .app import (
     RayAddressOpt,
     WorkersOpt,
     app,
+    check_finite,
     console,
     labels_from_options,
     parse_ints,
@@ -51,7 +52,7 @@ def search(
     generations: int = typer.Option(10, min=0),
     eval_samples: int = typer.Option(256, min=8, help="Samples per candidate, on fixed evaluation noise."),
     metric: Optional[str] = typer.Option(None, "--metric", help="Fitness: rfid (FID to the teacher's samples; the default), distance (per-sample, to the teacher; the default without real data) or fid (quality vs real data: FID, or on the digits the class-balanced distance)."),
-    seed: int = typer.Option(0, min=0, help="Seed of the search and of the evaluation noise."),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the search and of the evaluation noise."),
     labels: Optional[str] = LabelsOpt,
     guidance: float = GuidanceOpt,
     prompt: Optional[list[str]] = PromptOpt,
@@ -82,6 +83,8 @@ def search(
     placed = placement_from_options(device, dtype)
     check_folder_target(out)
     pool = workers_from_options(workers, ray_address, threads, gpus_per_worker)
+    check_finite(budget, "--budget")
+    check_finite(speedup, "--speedup")
     if budget is not None and speedup is not None:
         raise FlexdiffError("give either --budget or --speedup, not both")
     if speedup is not None:
@@ -93,10 +96,10 @@ def search(
     reference_model = None if reference is None else \
         load_model(None if str(reference) == "default" else reference, "--reference", *placed)  # None: the shipped model
     sp = make_space(space, sampler, num_train_timesteps(loaded.scheduler_config), count_branches(loaded.unet),
-                    step_choices=steps and parse_ints(steps, "--steps"),
-                    length_choices=lengths and parse_ints(lengths, "--lengths"),
-                    branches=branches and parse_ints(branches, "--branches", minimum=0),
-                    end_choices=ends and parse_ints(ends, "--ends", minimum=0))
+                    step_choices=None if steps is None else parse_ints(steps, "--steps"),
+                    length_choices=None if lengths is None else parse_ints(lengths, "--lengths"),
+                    branches=None if branches is None else parse_ints(branches, "--branches", minimum=0),
+                    end_choices=None if ends is None else parse_ints(ends, "--ends", minimum=0))
     meter = meter_for(loaded, inception_weights, real_data)
     metric = metric or default_metric(meter)
     cfg = SearchConfig(budget=budget, pareto=pareto, population=population, generations=generations,
@@ -135,7 +138,7 @@ def proxy_study_cmd(
     from_search: Optional[Path] = typer.Option(None, "--from-search", help="Rank the candidates a search scored (its --out folder), at evenly spaced ranks of its fitness: the proxy within one budget."),
     eval_samples: int = typer.Option(256, min=8, help="Samples for the proxies (as in the search)."),
     fid_samples: int = typer.Option(1000, min=8, help="Samples for the real FID of each candidate."),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,

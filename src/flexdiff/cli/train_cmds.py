@@ -35,7 +35,7 @@ def train(
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0),
     label_dropout: float = typer.Option(0.1, min=0.0, max=0.99, help="Share of labels replaced by the null label (class-conditional models)."),
     snapshot_every: int = typer.Option(0, min=0, help="Also save the EMA model every N steps under OUT/snapshots/ (0: never)."),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
     checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints; a killed run resumes from the last one."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     device: str = DeviceOpt,
@@ -85,7 +85,7 @@ def train(
 def train_classifier_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for model.safetensors and config.json."),
     epochs: int = typer.Option(30, min=1),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
 ):
     """Train the digits classifier whose features define the default FID space (shipped in the package)."""
     from ..metrics.classifier import train_classifier
@@ -103,7 +103,7 @@ def metric_study_cmd(
     model: Optional[Path] = ModelOpt,
     samples: int = typer.Option(1000, min=10, help="Model samples per DDIM level (same noise for every level)."),
     main_samples: int = typer.Option(500, min=10, help="The main job's sample count, for check (c)."),
-    seed: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,

@@ -286,7 +286,7 @@ class ExpertsPipeline:
         if unknown:
             raise FlexdiffError(f"unknown stage {unknown[0]!r}; accepted: {', '.join(STAGES)}")
         self.check_budget()
-        write_json(self.out / "experts_config.json", asdict(self.cfg))
+        result = None
         for s in stages:
             if s == "intervals":
                 self.intervals()
@@ -295,5 +295,8 @@ class ExpertsPipeline:
             elif s == "agent":
                 self.agent()
             elif s == "final":
-                return self.final()
-        return None
+                result = self.final()
+        # the record of the last run that went through: written after the stages' guards accepted the settings,
+        # so a refused run leaves it as it was
+        write_json(self.out / "experts_config.json", asdict(self.cfg))
+        return result
