@@ -9,7 +9,8 @@
 #   - else the pinned CPU wheel, torch==2.13.0: from a local wheel folder when one holds it, otherwise
 #     from PyTorch's CPU-only index (TORCH_CPU_INDEX), so no CUDA packages come in.
 # TORCH=SPEC installs that requirement instead (e.g. TORCH='torch==2.5.1'); TORCH=keep installs none.
-# WHEELS=DIR: install offline from that folder (pip --no-index), for a machine without network.
+# WHEELS=DIR: install offline from that folder (pip --no-index), for a machine without network: it must hold
+# the wheels of what the machine lacks (e.g. diffusers, pymoo; setuptools if the Python has none).
 # CPU_ONLY=1 (CI): check afterwards that no nvidia-* package came in; the default checks it only where this
 # script installed the CPU wheel itself.
 set -euo pipefail
@@ -26,7 +27,7 @@ links=()
 for d in /opt/wheels ${WHEELS:-}; do
   if [ -d "$d" ]; then links+=(--find-links "$d"); fi
 done
-if [ -n "${WHEELS:-}" ]; then links+=(--no-index); fi
+if [ -n "${WHEELS:-}" ]; then links+=(--no-index --no-build-isolation); fi  # offline: build with what is here
 
 if [ ! -x "$VENV/bin/python" ]; then
   if [ "$TORCH" = auto ] && "$PYTHON" -c "import torch" 2>/dev/null; then

@@ -148,12 +148,10 @@ class StepEngine:
 
     def __init__(self, unet: torch.nn.Module, schedule: Schedule, pipeline_scheduler: Any = None,
                  pipeline: Any = None):
-        # `unet`: a diffusers UNet, or a flexdiff mixture of experts (one UNet per timestep interval).
-        # `pipeline`: the object whose `.scheduler` runs the steps, read at every run (a scheduler swapped
-        # after apply_schedule is followed); else the fixed `pipeline_scheduler`.
-        # a torch.compile'd module: hook the module it compiles, so the hooks run inside its graphs
-        unet = getattr(unet, "_orig_mod", unet)
-        self.unet = unet
+        # `unet`: a diffusers UNet or a flexdiff mixture of experts; a torch.compile'd one is hooked through the
+        # module it compiles. `pipeline`: the object whose `.scheduler` runs the steps, read at every run (a
+        # scheduler swapped after apply_schedule is followed); else the fixed `pipeline_scheduler`.
+        self.unet = unet = getattr(unet, "_orig_mod", unet)
         self._pipeline = pipeline
         self._scheduler = pipeline_scheduler
         # a mixture of experts: every expert is hooked; a schedule must fit the one with the fewest branches

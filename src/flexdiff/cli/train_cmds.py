@@ -29,7 +29,7 @@ def train(
     resolution: int = typer.Option(16, min=8, help="Image size for --data (square)."),
     steps: int = typer.Option(2400, min=1, help="Optimiser steps (with --lr-schedule constant, a finished run can be extended by raising it)."),
     batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(1e-3, min=0.0),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (a finite number above 0)."),
     lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (decay to 10% at --steps) or constant (after warm-up)."),
     warmup: int = typer.Option(200, min=1, help="Linear warm-up steps."),
     ema_decay: float = typer.Option(0.999, min=0.0, max=1.0),
