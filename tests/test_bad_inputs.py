@@ -107,6 +107,10 @@ CASES += [
     (["search", "--model", "{model}", "--speedup", "nan", "--out", "{out}"], "--speedup nan: must be a finite"),
     (["bench", "--model", "{model}", "--search-budgets", "", "--out", "{out}"], "--search-budgets ''"),
     (["bench", "--model", "{model}", "--deepcache-branches", "99", "--out", "{out}"], "--deepcache-branches 99: the model"),
+    (["search", "--model", "{model}", "--speedup", "2", "--ray-address", "127.0.0.1:1", "--out", "{out}"],
+     "--ray-address 127.0.0.1:1: nothing answers at 127.0.0.1:1"),
+    (["search", "--model", "{model}", "--speedup", "2", "--ray-address", "somewhere", "--out", "{out}"],
+     "expected auto, HOST:PORT"),
     # damaged state in an existing --out: refused, and nothing added
     (["train", "--out", "{foreign_checkpoint_run}", "--steps", "1"], "not a flexdiff training checkpoint"),
     (["train", "--out", "{pickled_checkpoint_run}", "--steps", "1"], "cannot read this checkpoint"),

@@ -54,7 +54,32 @@ def from_options(workers: int | None, address: str | None, threads: int | None =
     w = Workers(count=workers or 0, address=address, threads=threads or 1, gpus=gpus)
     if w.parallel:
         require_ray()
+    if address is not None:
+        check_reachable(address)
     return w
+
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, option: str = "--ray-address") -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that nothing answers is refused within CONNECT_TIMEOUT_S, before any work;
+    Ray itself would retry until killed. 'auto' is left to Ray, which answers at once when no cluster runs here."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address.strip())
+    if address.strip() == "auto":
+        return
+    if m is None:
+        raise FlexdiffError(f"{option} {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    host, port = m.group(1), int(m.group(2))
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise FlexdiffError(f"{option} {address}: nothing answers at {host}:{port} within {CONNECT_TIMEOUT_S:g} s "
+                            f"({why}); start the cluster there first (ray start --head) or leave the option out") from None
 
 
 def require_ray():
