@@ -69,6 +69,7 @@ CASES += [
     (["train", "--lr", "nan", "--out", "{out}"], "--lr nan"),
     (["sample", "--model", "{model}", "--threads", "-1", "--out", "{out}/g.png"], "--threads -1"),
     (["evaluate", "--model", "{model}", "--real-data", "{dir}", "--samples", "4"], "--real-data"),
+    (["evaluate", "--model", "{model}", "--real-data", "{images}", "--samples", "4"], "4 images; a Fréchet distance"),
     (["search", "--model", "{model}", "--out", "{out}", "--speedup", "1000", "--steps", "20", "--lengths", "1,2"],
      "no schedule in the search space fits"),
     (["search", "--model", "{model}", "--out", "{out}", "--speedup", "2", "--metric", "psnr"], "--metric 'psnr'"),

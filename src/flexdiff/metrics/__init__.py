@@ -40,6 +40,9 @@ def meter_for(model, inception_weights: Path | None = None, real_data: Path | No
     return QualityMeter.for_model(shape, inception_weights, real_data)
 
 
+MIN_REAL_IMAGES = 50  # fewer real images than this make no meaningful reference
+
+
 class QualityMeter:
     """Turns images into features and features into metrics against a real reference set.
 
@@ -61,7 +64,9 @@ class QualityMeter:
         self.shares = None  # the reference's class shares, with a classifier
         if classify is not None:
             labels = classify(self.reference)
-            self.shares = np.bincount(labels, minlength=int(labels.max()) + 1) / len(labels)
+            # every class the classifier can name (a sample may fall in one the reference lacks)
+            classes = max(int(labels.max()) + 1, int(getattr(classify, "num_classes", 0) or 0), 10)
+            self.shares = np.bincount(labels, minlength=classes) / len(labels)
 
     @property
     def feature_dim(self) -> int:
@@ -85,6 +90,9 @@ class QualityMeter:
         c, h, _ = image_shape
         if real_data is not None:
             reference = load_image_folder(real_data, h, channels=c, option="--real-data")
+            if len(reference) < MIN_REAL_IMAGES:
+                raise FlexdiffError(f"--real-data {real_data}: {len(reference)} images; a Fréchet distance to real data "
+                                    f"needs at least {MIN_REAL_IMAGES} (a few hundred for a stable one)")
         elif (c, h) == (1, DIGITS_RESOLUTION):
             reference, _ = load_digits_split("train")
         else:

@@ -100,6 +100,8 @@ def class_weights(labels: np.ndarray, shares: np.ndarray, counts: np.ndarray | N
     counts = np.ones(len(labels)) if counts is None else counts
     per_class = np.bincount(labels, weights=counts, minlength=len(shares))
     w = counts * shares[labels] / np.maximum(per_class[labels], 1e-12)
+    if w.sum() <= 0:  # every sample fell in a class the reference lacks: nothing to rebalance to
+        return counts
     return w * counts.sum() / w.sum()
 
 
