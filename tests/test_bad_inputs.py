@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import tiny_pipelines
 from flexdiff.cli import app
 
 FOLDER_VERBS = {  # the verbs that fill an --out folder, with the fewest arguments that would run them
@@ -100,6 +101,8 @@ CASES += [
     ([*SAMPLE[:3], "--schedule", "{float_t_schedule}", "--out", "{out}/g.png"], "timesteps is [500.5, 100.2]"),
     ([*SAMPLE[:3], "--schedule", "{bool_t_schedule}", "--out", "{out}/g.png"], "timesteps is [True, False]"),
     (["sample", "--model", "{mixture_unknown_field}", "--out", "{out}/g.png"], "unknown field 'budgett'"),
+    (["sample", "--model", "{mixture_bad_starts}", "--out", "{out}/g.png"], "mixture.json: intervals: 'starts' must rise"),
+    (["sample", "--model", "{sd_no_vae}", "--prompt", "a cat", "--out", "{out}/g.png"], "--model"),
     (["sample", "--model", "{class_config_no_weights}", "--out", "{out}/g.png"], "config.json and the weights disagree"),
     (["search", "--model", "{model}", "--speedup", "2", "--steps", "", "--out", "{out}"], "--steps ''"),
     (["sample", "--model", "{size0}", "--out", "{out}/g.png"], "sample_size is 0; expected a whole number above 0"),
@@ -202,6 +205,15 @@ def world(tmp_path, tiny_model_dir):
     man = json.loads((mix / "mixture.json").read_text())
     (mix / "mixture.json").write_text(json.dumps({**man, "budgett": 0.5}))
     w["mixture_unknown_field"] = mix
+    mix = _tiny_mixture(tmp_path / "mixture_bad_starts", tiny_model_dir)
+    man = json.loads((mix / "mixture.json").read_text())
+    man["intervals"]["starts"] = [0, 1500]
+    (mix / "mixture.json").write_text(json.dumps(man))
+    w["mixture_bad_starts"] = mix
+    sd = tiny_pipelines.stable_diffusion(tmp_path / "sd_no_vae")
+    for f in (sd / "vae").iterdir():  # model_index.json still names the decoder
+        f.unlink()
+    w["sd_no_vae"] = sd
 
     run = tmp_path / "foreign_run"
     run.mkdir()

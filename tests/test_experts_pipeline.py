@@ -61,9 +61,11 @@ def test_small_pipeline_on_the_default_model_stage_by_stage(tmp_path):
 def test_stage_folders_refuse_other_settings(tmp_path):
     model = load_model()
     ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**SMALL)).run(("intervals",))
+    record = (tmp_path / "exp" / "experts_config.json").read_text()
     other = ExpertsPipeline(model, tmp_path / "exp", ExpertsConfig(**{**SMALL, "k": 3}))
     with pytest.raises(FlexdiffError, match="other settings"):
         other.run(("intervals",))
+    assert (tmp_path / "exp" / "experts_config.json").read_text() == record  # a refused run rewrites nothing
 
 
 def test_shipped_mixture_loads_and_is_cheaper_than_the_teacher():

@@ -125,11 +125,26 @@ def test_experts_on_a_latent_model_train_on_latents_and_decode(pipelines, tmp_pa
                     "--elastic-steps", 2, "--agent-steps", 2, "--final-steps", 2, "--batch-size", 4, "--budget", 0.7,
                     "--threads", 1)
     assert code == 0, out
-    code, out = run("sample", "--model", tmp_path / "exp" / "budget-0.7" / "mixture", "--n", 2, "--steps", 4,
-                    "--out", tmp_path / "m.png", "--save-tensors", tmp_path / "m.safetensors")
+    import json
+    import shutil
+
+    # the mixture folder holds the decoder it needs: a copy elsewhere, with the original pipeline gone, samples
+    mixture = tmp_path / "exp" / "budget-0.7" / "mixture"
+    assert json.loads((mixture / "mixture.json").read_text())["pipeline"] == "pipeline"
+    moved = shutil.copytree(mixture, tmp_path / "elsewhere" / "mixture")
+    shutil.move(str(pipelines["ldm"]), str(tmp_path / "ldm-gone"))
+    try:
+        code, out = run("sample", "--model", moved, "--n", 2, "--steps", 4,
+                        "--out", tmp_path / "m.png", "--save-tensors", tmp_path / "m.safetensors")
+    finally:
+        shutil.move(str(tmp_path / "ldm-gone"), str(pipelines["ldm"]))
     assert code == 0, out
     saved = load_file(tmp_path / "m.safetensors")  # the mixture's latents go through the LDM's VQ-VAE
     assert tuple(saved["images"].shape) == (2, 3, 16, 16) and tuple(saved["latents"].shape) == (2, 3, 8, 8)
+    man = json.loads((moved / "mixture.json").read_text())
+    (moved / "mixture.json").write_text(json.dumps({**man, "pipeline": str(pipelines["ldm"])}))  # a path outside
+    code, out = run("sample", "--model", moved, "--n", 2, "--steps", 4, "--out", tmp_path / "m2.png")
+    assert code == 2 and "must name a subfolder of the mixture folder" in out
 
 
 def test_evaluate_reports_the_clip_score_of_the_prompts(pipelines, tmp_path):

@@ -96,6 +96,8 @@ class Intervals:
             return cls(tuple(int(x) for x in d["starts"]), int(d["num_train_timesteps"]), d.get("meta", {}))
         except (KeyError, TypeError, ValueError) as e:
             raise FlexdiffError(f"{where}: needs 'starts' (a list of timesteps) and 'num_train_timesteps' ({e})") from None
+        except FlexdiffError as e:  # the file and field the bad starts came from
+            raise FlexdiffError(f"{where}: {str(e).removeprefix('intervals: ')}") from None
 
     def save(self, path: Path) -> None:
         write_json(path, self.to_dict())
@@ -196,9 +198,16 @@ class Mixture(torch.nn.Module):
         return kind(sample=out) if hasattr(kind, "__dataclass_fields__") else (out,)
 
 
+PIPELINE_DIR = "pipeline"  # a latent mixture's decoder and encoders, copied from the pipeline it was pruned from
+
+
 def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], scheduler_config: dict,
-                 out_dir: Path, info: dict | None = None) -> Path:
-    """Write the mixture folder atomically: built beside the target, then renamed into place."""
+                 out_dir: Path, info: dict | None = None, pipeline: Path | None = None) -> Path:
+    """Write the mixture folder atomically: built beside the target, then renamed into place.
+
+    `pipeline`: the pipeline folder a latent mixture was pruned from; its parts other than the UNet (decoder,
+    text encoders, tokenizers, model_index.json) are copied into the mixture's own `pipeline/`, so the folder
+    loads wherever it is copied."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -209,6 +218,10 @@ def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], s
             entries.append(dict(folder=f"expert_{k}", interval=[lo, hi], spec=spec.to_dict(),
                                 parameters=sum(p.numel() for p in model.parameters()),
                                 weights=weights_fingerprint(model)))  # checked on load: swapped experts are refused
+        if pipeline is not None:
+            shutil.copytree(pipeline, tmp / PIPELINE_DIR, ignore=lambda d, names: ["unet"] if Path(d) == Path(pipeline)
+                            else [])
+            info = {**(info or {}), "pipeline": PIPELINE_DIR}
         write_json(tmp / "intervals.json", intervals.to_dict())
         write_json(tmp / "scheduler_config.json", scheduler_config)
         write_json(tmp / MANIFEST, dict(format=FORMAT, model_class=type(experts[0]).__name__,

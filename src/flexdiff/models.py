@@ -122,12 +122,18 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
     if is_mixture_folder(path):  # a mixture of experts folder (flexdiff experts): one UNet per timestep interval
         mixture, man = load_mixture(path)
         parts = None
-        decoder_from = man.get("pipeline")  # pruned from a latent pipeline: decode with that pipeline's decoder
-        if decoder_from:
-            if not needs_parts(pipeline_index(Path(decoder_from))):
-                raise FlexdiffError(f"{path}/mixture.json: its latents decode with the pipeline at {decoder_from}, "
+        decoder_from = man.get("pipeline")  # pruned from a latent pipeline: its decoder is kept inside the folder
+        if decoder_from is not None:
+            where = (path / str(decoder_from)).resolve()
+            if not isinstance(decoder_from, str) or path.resolve() not in where.parents:
+                raise FlexdiffError(f"{path}/mixture.json: pipeline is {decoder_from!r}; it must name a subfolder of "
+                                    "the mixture folder (mixtures made before flexdiff kept the decoder inside: copy "
+                                    "the pipeline's folder without unet/ to pipeline/ there and set \"pipeline\": "
+                                    "\"pipeline\")")
+            if not needs_parts(pipeline_index(where)):
+                raise FlexdiffError(f"{path}/mixture.json: its latents decode with the pipeline in {decoder_from}/, "
                                     "which is missing or holds no decoder")
-            parts = PipelineParts.load(Path(decoder_from), mixture.experts[0])
+            parts = PipelineParts.load(where, mixture.experts[0])
         return LoadedModel(unet=mixture, scheduler_config=mixture.scheduler_config, path=path, parts=parts)
     unet_dir, sched_file = path, path / "scheduler_config.json"
     if (path / "model_index.json").exists():

@@ -59,6 +59,9 @@ class PipelineParts:
         extra = {}
         if "safety_checker" in index:  # flexdiff measures the raw model; the checker is not loaded
             extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # flexdiff's own bars say what runs; an error stays one line
         try:
             pipe = DiffusionPipeline.from_pretrained(path, unet=unet, use_safetensors=True, local_files_only=True,
                                                      **extra)

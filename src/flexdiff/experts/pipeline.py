@@ -274,9 +274,9 @@ class ExpertsPipeline:
         info = dict(budget=budget, budget_kind=self.cfg.budget_kind, sampler=self.cfg.sampler, num_steps=self.cfg.num_steps, steps_served=served,
                     macs_per_call=calls, teacher_macs_per_call=teacher_call,
                     fraction_of_teacher=run / (teacher_call * sum(served)), settings=asdict(cfg), **(info or {}))
-        if self.model.is_latent:  # the experts make latents: the mixture decodes them with this pipeline's decoder
-            info["pipeline"] = str(Path(self.model.path).resolve())
-        save_mixture(experts, iv, specs, self.model.scheduler_config, target, info)
+        # the experts make latents: the mixture keeps a copy of this pipeline's decoder (and encoders) inside it
+        save_mixture(experts, iv, specs, self.model.scheduler_config, target, info,
+                     pipeline=Path(self.model.path) if self.model.is_latent else None)
         for k in range(len(experts)):
             (folder / f"expert_{k}" / "checkpoint.pt").unlink(missing_ok=True)
         return target
