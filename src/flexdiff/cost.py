@@ -146,8 +146,8 @@ def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: 
     """Count MACs of a full step and of a partial step at every branch, for one image.
 
     For a mixture of experts, per expert (a `MixtureStepCosts`). `controlnet`: a ControlNet the pipeline runs
-    beside the denoiser (conditioned on an image of the pipeline's size, `unet`'s sample size x 8); its MACs
-    are added to full and partial steps, which run it, and not to null steps, which skip it.
+    beside the denoiser (its conditioning image sized by its embedding's stride); its MACs are added to full and
+    partial steps, which run it, and not to null steps, which skip it.
     """
     if is_mixture(unet):
         per = tuple(measure_step_costs(e, guidance, cross_attention_len) for e in unet.experts)

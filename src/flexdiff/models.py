@@ -127,9 +127,9 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
             where = (path / str(decoder_from)).resolve()
             if not isinstance(decoder_from, str) or path.resolve() not in where.parents:
                 raise FlexdiffError(f"{path}/mixture.json: pipeline is {decoder_from!r}; it must name a subfolder of "
-                                    "the mixture folder (mixtures made before flexdiff kept the decoder inside: copy "
-                                    "the pipeline's folder without unet/ to pipeline/ there and set \"pipeline\": "
-                                    "\"pipeline\")")
+                                    "the mixture folder (a mixture from an earlier flexdiff pointed at its pipeline: "
+                                    "copy that pipeline's folder, without unet/, into pipeline/ here and set "
+                                    "\"pipeline\": \"pipeline\")")
             if not needs_parts(pipeline_index(where)):
                 raise FlexdiffError(f"{path}/mixture.json: its latents decode with the pipeline in {decoder_from}/, "
                                     "which is missing or holds no decoder")

@@ -80,11 +80,12 @@ class PipelineParts:
         return cls(pipe)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "PipelineParts":
-        """Move the decoder and text encoders (the pipeline's other parts) to the device and dtype."""
+        """Move the text encoders to the device and dtype, and the decoder to the device in float32 (a VAE
+        decoding in float16 can overflow, as SDXL's does; decoding is a small share of the time)."""
         for part in ("vae", "vqvae", "text_encoder", "text_encoder_2"):
             m = getattr(self.pipe, part, None)
             if isinstance(m, torch.nn.Module):
-                m.to(device=device, dtype=dtype)
+                m.to(device=device, dtype=torch.float32 if part in DECODERS else dtype)
         return self
 
     # ---- what it holds
