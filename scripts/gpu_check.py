@@ -93,7 +93,10 @@ def _loop(unet, scheduler, schedule, x, kwargs, device):
     return time.perf_counter() - t0
 
 
-def step_times(name: str, cfg: dict, device, dtype, batches, compiled_modes, branches_wanted) -> list[str]:
+def step_times(name: str, cfg: dict, device, dtype, batches, modes, branches_wanted,
+               compiled_batches=(1,)) -> list[str]:
+    """The step-cost rows of one UNet; compiled only at `compiled_batches` (inductor's compile time dominates a
+    GPU check's budget: each (kind, branch) is one graph, made once and reused by every schedule)."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
     costs = measure_step_costs(unet, cross_attention_len=77)
@@ -118,17 +121,19 @@ def step_times(name: str, cfg: dict, device, dtype, batches, compiled_modes, bra
         _, _, kw = _example_inputs(unet, 77)
         kwargs = {k: (v.expand(batch, *v.shape[1:]) if torch.is_tensor(v) else
                       {a: b.expand(batch, *b.shape[1:]) for a, b in v.items()}) for k, v in kw.items()}
-        for mode in compiled_modes:
+        for mode in modes:
+            if mode == "compiled" and batch not in compiled_batches:
+                continue
             seconds = {}
+            torch._dynamo.reset()
+            model = torch.compile(unet) if mode == "compiled" else unet
             for key, sched in runs.items():
                 scheduler = DDIMScheduler.from_config(DEFAULT_SCHEDULER_CONFIG, timestep_spacing="trailing")
                 pipe = type("Pipe", (), {})()
-                pipe.unet, pipe.scheduler = unet, scheduler
+                pipe.unet, pipe.scheduler = model, scheduler
                 with apply_schedule(pipe, sched):
-                    model = torch.compile(unet) if mode == "compiled" else unet
-                    _loop(model, scheduler, sched, x0, kwargs, device)  # warm-up (and compile)
+                    _loop(model, scheduler, sched, x0, kwargs, device)  # warm-up (and the graphs it needs)
                     seconds[key] = min(_loop(model, scheduler, sched, x0, kwargs, device) for _ in range(2))
-                torch._dynamo.reset()
             full = seconds["full"] / STEPS
             per = {k: (seconds[k] - full) / (STEPS - 1) for k in seconds if k.startswith("partial") or k == "null"}
 
@@ -187,6 +192,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny UNets of the same layouts (to try the script)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--compiled-models", default="SD-1.5", help="which UNets are also timed compiled")
+    ap.add_argument("--compiled-batches", default="1", help="at which batch sizes")
     ap.add_argument("--branches", default="0,2,5", help="partial-step branches to time (and the deepest)")
     ap.add_argument("--test-dtypes", default="float16,bfloat16")
     ap.add_argument("--bench-dtype", default="auto")
@@ -203,9 +210,13 @@ def main() -> None:
     models = TINY if args.tiny else {"SD-1.5": SD15, "SDXL": SDXL}
     report.add("## Step costs", "", "Each partial step's share of a full step is in brackets. Wall / MACs is the "
                "share of the MACs speed-up the device delivers (1.00: all of it).")
+    torch._dynamo.config.recompile_limit = 64  # one graph per (kind, branch, slot) over several schedules
+    compiled_models = args.compiled_models.split(",")
     for name, cfg in models.items():
-        report.add(*step_times(name, cfg, device, dtype, [int(b) for b in args.batches.split(",")],
-                               args.modes.split(","), [int(b) for b in args.branches.split(",")]))
+        modes = [m for m in args.modes.split(",") if m != "compiled" or any(name.startswith(c) for c in compiled_models)]
+        report.add(*step_times(name, cfg, device, dtype, [int(b) for b in args.batches.split(",")], modes,
+                               [int(b) for b in args.branches.split(",")],
+                               tuple(int(b) for b in args.compiled_batches.split(","))))
     if args.bench:
         report.add(*quick_bench(str(device), args.bench_dtype, ROOT / "runs" / "bench-gpu"))
 
