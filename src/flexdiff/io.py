@@ -90,6 +90,26 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
                             "delete it to rebuild that part") from None
 
 
+def load_strict(cls, folder: Path, where: str):
+    """`cls.from_pretrained(folder)` from safetensors, refusing weights that do not match the config: a key the
+    config has no place for (say a class embedding under `num_class_embeds: null`) or a layer it lacks weights
+    for would otherwise be dropped or left random, with no more than a warning."""
+    from .errors import FlexdiffError, first_line
+
+    try:
+        model, info = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False, output_loading_info=True)
+    except Exception as e:  # diffusers raises many kinds for corrupt files
+        raise FlexdiffError(f"{where}: cannot load the weights ({first_line(e)})") from None
+    for what, why in (("unexpected_keys", "the weights hold tensors its config.json has no place for"),
+                      ("missing_keys", "its config.json asks for layers the weights do not hold"),
+                      ("mismatched_keys", "tensors whose shapes differ from what config.json builds")):
+        keys = [k if isinstance(k, str) else k[0] for k in info.get(what) or []]
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            raise FlexdiffError(f"{where}: config.json and the weights disagree: {why} ({shown})")
+    return model
+
+
 def write_text(path: Path, text: str) -> Path:
     return _atomic(path, lambda p: p.write_text(text))
 

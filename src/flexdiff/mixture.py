@@ -26,7 +26,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 from .errors import FlexdiffError
 from .fingerprints import weights_fingerprint
-from .io import read_json, read_json_object, write_json
+from .io import load_strict, read_json, read_json_object, write_json
 from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
 from .schedule import StepKind
 
@@ -287,10 +287,7 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
         if "interval" in entry and list(entry["interval"]) != list(intervals.bounds()[k]):
             raise FlexdiffError(f"{where}.interval {entry['interval']}: the intervals put expert {k} on "
                                 f"{list(intervals.bounds()[k])}")
-        try:
-            model = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False)
-        except Exception as e:  # diffusers raises many kinds for corrupt files
-            raise FlexdiffError(f"{folder}: cannot load the expert ({str(e).splitlines()[0] if str(e) else e})") from None
+        model = load_strict(cls, folder, f"{where}.folder {name!r}")
         if full_spec(model) != spec:
             raise FlexdiffError(f"{where}: the UNet in {name!r} has widths {list(full_spec(model).widths)} and depths "
                                 f"{list(full_spec(model).depths)}, the manifest says {spec.to_dict()} (experts swapped "

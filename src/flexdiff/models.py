@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from .errors import FlexdiffError, first_line
-from .io import read_json_object
+from .errors import FlexdiffError
+from .io import load_strict, read_json_object
 from .mixture import experts_of, is_mixture_folder, load_mixture
 from .pipelines import PipelineParts, needs_parts, pipeline_index, side_networks
 from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
@@ -181,26 +181,6 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
     index = pipeline_index(path)
     parts = PipelineParts.load(path, unet) if needs_parts(index) else None
     return LoadedModel(unet=unet, scheduler_config=sched, path=path, parts=parts)
-
-
-def load_strict(cls, folder: Path, where: str):
-    """`cls.from_pretrained(folder)` from safetensors, refusing weights that do not match the config: a key the
-    config has no place for (say a class embedding under `num_class_embeds: null`) or a layer it lacks weights
-    for would otherwise be dropped or left random, with no more than a warning."""
-    try:
-        model, info = cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False, output_loading_info=True)
-    except FlexdiffError:
-        raise
-    except Exception as e:  # diffusers raises many kinds for corrupt files
-        raise FlexdiffError(f"{where}: cannot load the weights ({first_line(e)})") from None
-    for what, why in (("unexpected_keys", "the weights hold tensors its config.json has no place for"),
-                      ("missing_keys", "its config.json asks for layers the weights do not hold"),
-                      ("mismatched_keys", "tensors whose shapes differ from what config.json builds")):
-        keys = [k if isinstance(k, str) else k[0] for k in info.get(what) or []]
-        if keys:
-            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-            raise FlexdiffError(f"{where}: config.json and the weights disagree: {why} ({shown})")
-    return model
 
 
 def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:
