@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SEARCHED = ("flexiffusion-distance-16x", "flexiffusion-fid-25x", "autodiffusion-25x")
 
 
-def timed(unet, sched, noise, cond, batch, repeats):
+def timed(unet, scheduler_config, sched, noise, cond, batch, repeats):
     """Seconds per image of `sched` over `noise` (after one untimed warm-up batch), and the images."""
-    scheduler = make_scheduler(sched.sampler, MODEL.scheduler_config)
+    scheduler = make_scheduler(sched.sampler, scheduler_config)
     device = placement(unet)[0]
     with StepEngine(unet, sched, scheduler) as engine:
         set_timesteps(scheduler, sched)
@@ -53,7 +53,6 @@ def timed(unet, sched, noise, cond, batch, repeats):
 
 
 def main() -> None:
-    global MODEL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--samples", type=int, default=500)
@@ -63,8 +62,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="teacher DDIM-20 and one searched schedule")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    MODEL = load_model()
-    unet = MODEL.unet
+    model = load_model()
+    unet = model.unet
     costs = measure_step_costs(unet)
     teacher = Schedule.full("ddim", 20 if args.quick else 100, name="teacher")
     schedules = [teacher, Schedule.deepcache("ddim", teacher.num_steps, 3, 0, name="DeepCache 1:3 b0")]
@@ -73,10 +72,11 @@ def main() -> None:
     cond = null_conditioning(unet)
     rows = []
     for sched in schedules:
-        eager_s, eager_images = timed(unet, sched, noise, cond, args.batch, args.repeats)
+        eager_s, eager_images = timed(unet, model.scheduler_config, sched, noise, cond, args.batch, args.repeats)
         torch._dynamo.reset()  # each schedule compiled afresh, as a user running one schedule would
         counters.clear()
-        comp_s, comp_images = timed(torch.compile(unet), sched, noise, cond, args.batch, args.repeats)
+        comp_s, comp_images = timed(torch.compile(unet), model.scheduler_config, sched, noise, cond, args.batch,
+                                    args.repeats)
         rows.append(dict(name=sched.name or sched.describe(), schedule=sched.describe(),
                          macs=costs.schedule_macs(sched), eager_s=eager_s, compiled_s=comp_s,
                          graph_breaks=sum(counters["graph_break"].values()),

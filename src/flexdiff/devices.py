@@ -106,6 +106,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+CPU_FLOAT32 = "cpu-float32"  # what runs from before devices were an option ran on (left out of their identity)
+
+
 def runs_on(device: torch.device, dtype: torch.dtype) -> str:
     """'cpu-float32', 'cuda-bfloat16', ...: the part of a run's identity that says what it runs on."""
     return f"{device.type}-{dtype_name(dtype)}"

@@ -9,14 +9,11 @@ step makes no network call and returns the last noise prediction.
 Everything is done with diffusers' removable `ModelHook`s on module instances: no forked
 UNet code, no class patching. The per-run state (step index, cache) lives in `EngineRun`.
 
-Which step a UNet call is (docs/engine.md): with a scheduler (a pipeline's, or `sample`'s), a
-run starts when the pipeline calls `scheduler.set_timesteps` and a step ends when it calls
-`scheduler.step`; the engine wraps both methods on the scheduler instance (their signatures kept,
-since pipelines inspect them). Eager calls are placed by the position of their timestep in
-`scheduler.timesteps`. So a run that starts late (img2img `strength`), stops early (interrupted)
-or calls the UNet more than once per step (guidance in two calls) stays in step: repeated calls
-of one step are numbered slots, each with its own cache. A step whose cache is empty (the first
-step of a late start, a new slot) runs full. Without a scheduler every call is the next step.
+Which step a UNet call is (docs/engine.md): a run starts at `scheduler.set_timesteps` and a step
+ends at `scheduler.step` (both wrapped on the instance, signatures kept); an eager call is placed
+by its timestep's position in `scheduler.timesteps`, so late starts (img2img), interrupted runs
+and several calls per step (numbered slots, each with its own cache) stay in step. A step whose
+cache is empty runs full. Without a scheduler every call is the next step.
 
 Under torch.compile the decision is made on the host: the `scheduler.step` wrapper plans the next
 call (kind, branch, expert), and the compiled denoiser reads only that plan and its call slot: no
@@ -37,6 +34,11 @@ from .runs import EngineRun, place_timestep, scheduler_mismatch, watch_scheduler
 from .schedule import Schedule, StepKind
 
 HOOK_NAME = "flexdiff_step_engine"
+def _timestep(args, kwargs):
+    """The timestep a denoiser (or its ControlNet) is called at: the second positional argument or `timestep`."""
+    return args[1] if len(args) > 1 else kwargs["timestep"]
+
+
 class _CacheHook(ModelHook):
     """On a unit or block: record its output at full steps, return that record when a partial step skips it."""
 
@@ -73,16 +75,13 @@ class _StepHook(ModelHook):
             kind, branch = run.planned
             expert = run.planned_expert
         else:
-            t = args[1] if len(args) > 1 else kwargs["timestep"]
-            index, slot = eng.locate(t)
+            index, slot = eng.locate(_timestep(args, kwargs))
             run = eng.run  # locate may have started a new run
             if run.index == -1 and eng.pipeline_scheduler is not None:
                 eng.check_pipeline_scheduler()
             step = eng.schedule.steps[index]
             kind, branch = step.kind, (step.branch if step.branch is not None else 0)
-            expert = None
-            if eng.is_mixture and kind is StepKind.FULL:
-                expert = expert_for_step(kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
+            expert = None  # a full step's expert is read off its timestep below
             run.index = index
         if slot >= len(run.last_output):
             run.grow(slot)
@@ -96,9 +95,9 @@ class _StepHook(ModelHook):
             # a full step calls the expert of its timestep; a partial step calls the expert of the last
             # full step, whose deep features are the ones in the cache
             if kind is StepKind.FULL:
-                if expert is None:  # compiled, first step of a run: only the timestep can say
-                    t = args[1] if len(args) > 1 else kwargs["timestep"]
-                    expert = expert_for_step(kind, torch.as_tensor(t).reshape(-1)[0], run.expert, module.intervals)
+                if expert is None:  # eager, or a compiled run's first step: the timestep says
+                    t = torch.as_tensor(_timestep(args, kwargs)).reshape(-1)[0]
+                    expert = expert_for_step(kind, t, run.expert, module.intervals)
                 run.expert = expert
             out = self.fn_ref.original_forward(*args, expert=run.expert, **kwargs)
             run.last_output[slot] = out
@@ -126,8 +125,7 @@ class _SideHook(ModelHook):
         self.calls = 0  # how many times it actually ran
 
     def new_forward(self, module, *args, **kwargs):
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        kind, slot = self.engine.peek(t)
+        kind, slot = self.engine.peek(_timestep(args, kwargs))
         if kind is StepKind.NULL and slot in self.last:
             return self.last[slot]
         out = self.fn_ref.original_forward(*args, **kwargs)
@@ -205,7 +203,7 @@ class StepEngine:
         """Start a new sampling run: no step taken yet, cache emptied."""
         self._flush()
         self.run = EngineRun(units=self._units)
-        if getattr(self, "_side", None) is not None:
+        if self._side is not None:
             self._side.reset()
 
     @property
@@ -316,10 +314,12 @@ class StepEngine:
             self.run.error = self.scheduler_mismatch()
 
         def stepping(timestep) -> None:
-            self._flush()
             run, timesteps = self.run, sched.timesteps
+            placed = run.next_slot > 0 and not run.compiled_calls  # eager calls of this step placed it already
+            self._flush()
             if timesteps is not None and len(timesteps) == self.schedule.num_steps and run.error is None:
-                run.index = place_timestep(timestep, timesteps, "scheduler stepped")
+                if not placed:
+                    run.index = place_timestep(timestep, timesteps, "scheduler stepped")
                 self._plan(run.index + 1)
 
         self._unwatch = watch_scheduler(sched, started, stepping)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from .configs import Config
-from .devices import autocast, runs_on, training_dtype
+from .devices import CPU_FLOAT32, autocast, runs_on, training_dtype
 from .errors import FlexdiffError
 from .fingerprints import data_fingerprint
 from .fit import Fit, noised, warmup_cosine
@@ -141,8 +141,8 @@ def train(
     data_fp = data_fingerprint(images, labels)
 
     def refuse(ck: dict) -> str | None:
-        if ck.get("runs_on", "cpu-float32") != where:
-            return (f"this run was trained on {ck.get('runs_on', 'cpu-float32')}, now {where}: resume it with the same "
+        if ck.get("runs_on", CPU_FLOAT32) != where:
+            return (f"this run was trained on {ck.get('runs_on', CPU_FLOAT32)}, now {where}: resume it with the same "
                     "--device and --dtype, or use another --out folder")
         if ck.get("data", data_fp) != data_fp:
             return (f"this run was trained on other data (fingerprint {ck['data']}, now {data_fp}); use the same "
@@ -167,7 +167,7 @@ def train(
               torch.Generator().manual_seed(cfg.seed), {"model": unet, "ema": ema},
               checkpoint_every=cfg.checkpoint_every, lr_at=lambda step: _lr_at(step, cfg),
               state={"init": init},  # checkpoints from before the bias correction: the same seed made theta_0
-              tags={"data": data_fp, "config": asdict(cfg), **({} if where == "cpu-float32" else {"runs_on": where})},
+              tags={"data": data_fp, "config": asdict(cfg), **({} if where == CPU_FLOAT32 else {"runs_on": where})},
               refuse=refuse, what="training checkpoint")
     n = images.shape[0]
 

@@ -67,11 +67,10 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
 def _runs_on(unet) -> str | None:
     """'cuda-bfloat16' and the like: part of a search's identity, except on the CPU in float32 (left out, so
     the states saved before devices were an option still resume)."""
-    from ..devices import dtype_name, placement
+    from ..devices import CPU_FLOAT32, placement, runs_on
 
-    device, dtype = placement(unet)
-    tag = f"{device.type}-{dtype_name(dtype)}"
-    return None if tag == "cpu-float32" else tag
+    tag = runs_on(*placement(unet))
+    return None if tag == CPU_FLOAT32 else tag
 
 
 __all__ = ["search_from_settings"]
