@@ -1,9 +1,13 @@
-"""UNet anatomy: where a diffusers UNet can be cut for a partial step.
+"""Where a denoiser can be cut for a partial step: one interface, one anatomy per model family.
 
-The down path produces skip tensors s_0 (conv_in) ... s_{K-1}; the up path consumes them in
-reverse. A *unit* is a group of modules run or skipped together, tagged with the depth of the
-skip tensor it touches; a partial step at branch b runs the units of depth <= b and takes every
-deeper one (and the mid block) from the cache of the last full step. The engine hooks these.
+`anatomy(model)` returns the model's anatomy: its number of branches, the hooks that make a partial step
+at a branch (installed by the engine), the size of the cache they use, and where a call's timestep is.
+A UNet's is here; a transformer's (a block stack, cut around its middle) is in transformer_anatomy.py.
+
+UNet (DeepCache, Ma et al. CVPR 2024): the down path produces skip tensors s_0 (conv_in) ... s_{K-1};
+the up path consumes them in reverse. A *unit* is a group of modules run or skipped together, tagged with
+the depth of the skip tensor it touches; a partial step at branch b runs the units of depth <= b and takes
+every deeper one (and the mid block) from the cache of the last full step.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import ModelHook
 
 from .errors import FlexdiffError
 from .mixture import experts_of
+from .schedule import StepKind
+from .transformer_anatomy import TransformerAnatomy, is_transformer, supported_names, transformer_anatomy
 
 
 @dataclass
@@ -25,13 +32,68 @@ class Unit:
     depth: int
 
 
+class _CacheHook(ModelHook):
+    """On a UNet unit or block: record its output at full steps, return that record when a partial step skips it."""
+
+    def __init__(self, engine, key: int, depth: int):
+        super().__init__()
+        self.engine, self.key, self.depth = engine, key, depth
+
+    def new_forward(self, module, *args, **kwargs):
+        run = self.engine.run
+        if run.mode is StepKind.PARTIAL and self.depth > run.branch:
+            return run.cache[run.slot][self.key]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if run.mode is StepKind.FULL:
+            run.cache[run.slot][self.key] = out
+        return out
+
+
 @dataclass
 class UNetAnatomy:
     """Where partial steps may cut a UNet: its units, its blocks, and the number of branches."""
 
+    model: torch.nn.Module
     units: list[Unit]
     blocks: list[Unit]  # whole blocks, with depth = the shallowest depth inside them
     num_branches: int
+
+    @property
+    def cache_keys(self) -> int:
+        return sum(len(u.modules) for g in (self.units, self.blocks) for u in g)
+
+    def branch_name(self, b: int) -> str:
+        return f"skip depth <= {b}"
+
+    @staticmethod
+    def timestep(args, kwargs):
+        """The timestep a UNet is called at: its second positional argument or `timestep`."""
+        return args[1] if len(args) > 1 else kwargs["timestep"]
+
+    def example_inputs(self, context_len: int = 77) -> dict:
+        """Keyword inputs of one call on one image (on the CPU, float32): what MACs are counted on."""
+        cfg = self.model.config
+        kwargs = {"sample": torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                  "timestep": torch.tensor([500])}
+        if type(self.model).__name__ == "UNet2DConditionModel":
+            kwargs["encoder_hidden_states"] = torch.zeros(1, context_len, cfg.cross_attention_dim)
+            if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 size/crop ids
+                text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+                kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, text_dim), "time_ids": torch.zeros(1, 6)}
+        elif getattr(cfg, "num_class_embeds", None) is not None:
+            kwargs["class_labels"] = torch.zeros(1, dtype=torch.long)
+        return kwargs
+
+    def hooks(self, engine, first_key: int) -> list[tuple[torch.nn.Module, ModelHook]]:
+        out = []
+        for group in (self.units, self.blocks):
+            for unit in group:
+                for module in unit.modules:
+                    out.append((module, _CacheHook(engine, first_key + len(out), unit.depth)))
+        return out
+
+
+Anatomy = UNetAnatomy | TransformerAnatomy
 
 
 def _block_units(prefix: str, block: torch.nn.Module, depth: int, step: int) -> tuple[list[Unit], int]:
@@ -51,11 +113,19 @@ def _block_units(prefix: str, block: torch.nn.Module, depth: int, step: int) -> 
     return units, depth
 
 
-def anatomy(unet: torch.nn.Module) -> UNetAnatomy:
+def anatomy(model: torch.nn.Module) -> Anatomy:
+    """The anatomy of a diffusers UNet or transformer denoiser; anything else is refused, naming what is supported."""
+    if is_transformer(model):
+        return transformer_anatomy(model)
+    return unet_anatomy(model)
+
+
+def unet_anatomy(unet: torch.nn.Module) -> UNetAnatomy:
     """Find the cache units of a diffusers UNet2DModel / UNet2DConditionModel."""
     for name in ("conv_in", "down_blocks", "up_blocks"):
         if not hasattr(unet, name):
-            raise FlexdiffError(f"{type(unet).__name__} is not a diffusers UNet (no {name})")
+            raise FlexdiffError(f"{type(unet).__name__} cannot be cut by flexdiff (no {name}); supported "
+                                f"denoisers: UNet2DModel, UNet2DConditionModel, {supported_names()}")
     if any(hasattr(b, "skip_conv") for b in list(unet.down_blocks) + list(unet.up_blocks)):
         raise FlexdiffError("UNets with skip-sample blocks (AttnSkipDownBlock2D ...) are not supported")
     units, blocks = [], []
@@ -80,7 +150,7 @@ def anatomy(unet: torch.nn.Module) -> UNetAnatomy:
         bu, depth = _block_units(f"up_blocks.{j}", block, depth, -1)
         units += bu
         blocks.append(Unit(f"up_blocks.{j}", [block], min(u.depth for u in bu)))
-    return UNetAnatomy(units=units, blocks=blocks, num_branches=num_branches)
+    return UNetAnatomy(model=unet, units=units, blocks=blocks, num_branches=num_branches)
 
 
 def num_branches(unet: torch.nn.Module) -> int:

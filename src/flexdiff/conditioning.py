@@ -6,8 +6,64 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from .errors import FlexdiffError
+
+LABEL_TOKENS_FILE = "label_tokens.json"  # in a model folder: its labels are given as one-hot tokens
+
+
+@dataclass(frozen=True)
+class LabelTokens:
+    """Class labels given to a text-conditioned transformer (SD3-shaped) in place of a prompt.
+
+    Label k is one token, the one-hot vector e_k of length `classes` (the last index is the null label),
+    given both as the text tokens and as the pooled projection: the model's own context embedder and
+    pooled-projection layer are then its learned label embedding, and the denoiser stays a stock diffusers
+    class that loads alone. A model folder says so in `label_tokens.json` ({"classes": N}).
+    """
+
+    classes: int
+
+    def __post_init__(self):
+        if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < 2:
+            raise FlexdiffError(f"{LABEL_TOKENS_FILE}: classes is {self.classes!r}; expected a whole number >= 2 "
+                                "(the labels and the null label)")
+
+    @property
+    def null_label(self) -> int:
+        return self.classes - 1
+
+    def kwargs(self, labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict:
+        """The model's text inputs for `labels` (N,): one token per row and its pooled projection."""
+        e = F.one_hot(labels.long(), self.classes).to(dtype)
+        return {"encoder_hidden_states": e[:, None, :], "pooled_projections": e}
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """How a class-conditional denoiser takes its labels: `classes` real ones, the unconditional `null` index,
+    and for a transformer given labels as tokens, its `tokens`."""
+
+    classes: int
+    null: int
+    tokens: LabelTokens | None = None
+
+
+def class_spec(model) -> ClassSpec | None:
+    """The labels a denoiser takes: a UNet2DModel's `num_class_embeds` (the last is null), DiT's
+    `num_embeds_ada_norm` (null = that index), or the label tokens flexdiff loaded with a transformer
+    (`model.flexdiff_label_tokens`, from its folder's label_tokens.json). None: not class-conditional."""
+    tokens = getattr(model, "flexdiff_label_tokens", None)
+    if tokens is not None:
+        return ClassSpec(tokens.classes - 1, tokens.null_label, tokens)
+    cfg, name = model.config, type(model).__name__
+    if name == "DiTTransformer2DModel" and getattr(cfg, "num_embeds_ada_norm", None):
+        return ClassSpec(int(cfg.num_embeds_ada_norm), int(cfg.num_embeds_ada_norm))
+    n = getattr(cfg, "num_class_embeds", None)
+    if n is None or name != "UNet2DModel":
+        return None
+    return ClassSpec(n - 1, n - 1)
 
 
 @dataclass
@@ -29,6 +85,7 @@ class Conditioning:
     # SDXL's added conditions (pooled text embeddings, size/crop time ids) of each branch
     added: dict[str, torch.Tensor] | None = None
     negative_added: dict[str, torch.Tensor] | None = None
+    tokens: LabelTokens | None = None  # class labels given as one-hot tokens (a transformer: LabelTokens)
 
     def __post_init__(self):
         if (self.encoder_hidden_states is None) == (self.class_labels is None):
@@ -47,7 +104,7 @@ class Conditioning:
             labels = labels.expand(n) if labels.shape[0] == 1 else labels
             if self.guided:
                 labels = torch.cat([torch.full_like(labels, self.null_label), labels])
-            return {"class_labels": labels}
+            return self.tokens.kwargs(labels) if self.tokens is not None else {"class_labels": labels}
         def rows(x):
             return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x
 

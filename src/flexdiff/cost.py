@@ -8,12 +8,15 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .anatomy import anatomy
 from .devices import placement, synchronize, timing_tag, to_model
 from .engine import StepEngine
 from .mixture import expert_for_step, is_mixture
-from .models import UNet, UNet2DConditionModel
+from .models import UNet
 from .samplers import sampler_timesteps
 from .schedule import FULL, Schedule, StepKind, partial
+
+UNBATCHED = ("img_ids", "txt_ids")  # FLUX's position ids: one per token, shared by the batch
 
 
 @dataclass(frozen=True)
@@ -47,20 +50,11 @@ def _count(fn) -> float:
     return counter.get_total_flops() / 2  # one MAC = one multiply + one add
 
 
-def _example_inputs(unet, cross_attention_len: int = 77):
-    """One image's inputs, on the model's device and in its dtype."""
-    cfg = unet.config
+def _example_inputs(unet, cross_attention_len: int = 77) -> dict:
+    """One image's keyword inputs (what the anatomy says a call takes), on the model's device and in its dtype."""
     device, dtype = placement(unet)
-    x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    kwargs = {}
-    if isinstance(unet, UNet2DConditionModel):
-        kwargs["encoder_hidden_states"] = torch.zeros(1, cross_attention_len, cfg.cross_attention_dim)
-        if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + 6 size/crop ids
-            text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, text_dim), "time_ids": torch.zeros(1, 6)}
-    elif getattr(cfg, "num_class_embeds", None) is not None:
-        kwargs["class_labels"] = torch.zeros(1, dtype=torch.long)
-    return to_model(x, device, dtype), torch.tensor([500], device=device), to_model(kwargs, device, dtype)
+    kwargs = anatomy(unet).example_inputs(cross_attention_len)
+    return {k: v.to(device) if k == "timestep" else to_model(v, device, dtype) for k, v in kwargs.items()}
 
 
 def timing_machine(device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
@@ -79,20 +73,22 @@ def measure_latency(unet, batch: int = 250, repeats: int = 5, cross_attention_le
     import time
 
     device = placement(unet)[0]
-    x, t, kwargs = _example_inputs(unet, cross_attention_len)
+    kwargs = _example_inputs(unet, cross_attention_len)
 
-    def widen(v):
+    def widen(k, v):
         if isinstance(v, dict):
-            return {k: widen(a) for k, a in v.items()}
+            return {a: widen(a, b) for a, b in v.items()}
+        if k in UNBATCHED or not torch.is_tensor(v):
+            return v
         return v.expand(batch, *v.shape[1:]).contiguous()
 
-    x, t, kwargs = widen(x), widen(t), widen(kwargs)
-    unet(x, t, **kwargs)
+    kwargs = {k: widen(k, v) for k, v in kwargs.items()}
+    unet(**kwargs)
     times = []
     for _ in range(repeats):
         synchronize(device)
         t0 = time.perf_counter()
-        unet(x, t, **kwargs)
+        unet(**kwargs)
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] / batch
@@ -101,8 +97,8 @@ def measure_latency(unet, batch: int = 250, repeats: int = 5, cross_attention_le
 @torch.no_grad()
 def count_macs(unet) -> float:
     """MACs of one full forward of `unet` for one image."""
-    x, t, kwargs = _example_inputs(unet)
-    return _count(lambda: unet(x, t, **kwargs))
+    kwargs = _example_inputs(unet)
+    return _count(lambda: unet(**kwargs))
 
 
 @dataclass(frozen=True)
@@ -153,19 +149,20 @@ def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: 
         per = tuple(measure_step_costs(e, guidance, cross_attention_len) for e in unet.experts)
         cfg = {k: v for k, v in unet.scheduler_config.items() if not k.startswith("_") and not isinstance(v, list)}
         return MixtureStepCosts(per, unet.intervals, tuple(sorted(cfg.items())))
-    x, t, kwargs = _example_inputs(unet, cross_attention_len)
+    kwargs = _example_inputs(unet, cross_attention_len)
     engine = StepEngine(unet, Schedule("ddim", (FULL,)))
     branches = engine.anatomy.num_branches
     engine.set_schedule(Schedule("ddim", (FULL,) + tuple(partial(b) for b in range(branches))))
     with engine:
-        full = _count(lambda: unet(x, t, **kwargs))
-        parts = tuple(_count(lambda: unet(x, t, **kwargs)) for _ in range(branches))
-    side = 0.0 if controlnet is None else _controlnet_macs(controlnet, x, t, kwargs)
+        full = _count(lambda: unet(**kwargs))
+        parts = tuple(_count(lambda: unet(**kwargs)) for _ in range(branches))
+    side = 0.0 if controlnet is None else _controlnet_macs(controlnet, kwargs)
     return StepCosts(full=full, partial=parts, guidance_factor=2 if guidance else 1, side=side)
 
 
-def _controlnet_macs(controlnet, x, t, kwargs) -> float:
+def _controlnet_macs(controlnet, kwargs) -> float:
     """MACs of one ControlNet call for one image (a MultiControlNetModel: all of its nets)."""
+    x, t = kwargs["sample"], kwargs["timestep"]
     nets = list(getattr(controlnet, "nets", None) or [controlnet])
     total = 0.0
     for net in nets:

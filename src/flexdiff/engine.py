@@ -39,23 +39,6 @@ def _timestep(args, kwargs):
     return args[1] if len(args) > 1 else kwargs["timestep"]
 
 
-class _CacheHook(ModelHook):
-    """On a unit or block: record its output at full steps, return that record when a partial step skips it."""
-
-    def __init__(self, engine: "StepEngine", key: int, depth: int):
-        super().__init__()
-        self.engine, self.key, self.depth = engine, key, depth
-
-    def new_forward(self, module, *args, **kwargs):
-        run = self.engine.run
-        if run.mode is StepKind.PARTIAL and self.depth > run.branch:
-            return run.cache[run.slot][self.key]
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        if run.mode is StepKind.FULL:
-            run.cache[run.slot][self.key] = out
-        return out
-
-
 class _StepHook(ModelHook):
     """On the UNet itself: decide which step of the schedule this call is, then run it."""
 
@@ -75,7 +58,7 @@ class _StepHook(ModelHook):
             kind, branch = run.planned
             expert = run.planned_expert
         else:
-            index, slot = eng.locate(_timestep(args, kwargs))
+            index, slot = eng.locate(eng.anatomy.timestep(args, kwargs))
             run = eng.run  # locate may have started a new run
             if run.index == -1 and eng.pipeline_scheduler is not None:
                 eng.check_pipeline_scheduler()
@@ -96,7 +79,7 @@ class _StepHook(ModelHook):
             # full step, whose deep features are the ones in the cache
             if kind is StepKind.FULL:
                 if expert is None:  # eager, or a compiled run's first step: the timestep says
-                    t = torch.as_tensor(_timestep(args, kwargs)).reshape(-1)[0]
+                    t = torch.as_tensor(eng.anatomy.timestep(args, kwargs)).reshape(-1)[0]
                     expert = expert_for_step(kind, t, run.expert, module.intervals)
                 run.expert = expert
             out = self.fn_ref.original_forward(*args, expert=run.expert, **kwargs)
@@ -157,7 +140,8 @@ class StepEngine:
         self.anatomy = min(self.anatomies, key=lambda a: a.num_branches)
         schedule.check_fits(self.anatomy.num_branches)
         self.schedule = schedule
-        self._units = sum(len(u.modules) for a in self.anatomies for g in (a.units, a.blocks) for u in g)
+        self.needed = self._needed(schedule)
+        self._units = sum(a.cache_keys for a in self.anatomies)
         self.run = EngineRun(units=self._units)
         self._calls = {k.value: 0 for k in StepKind}  # UNet calls seen, by the kind of step they were
         self._hooked: list[torch.nn.Module] = []
@@ -186,8 +170,14 @@ class StepEngine:
 
     def set_schedule(self, schedule: Schedule) -> None:
         schedule.check_fits(self.anatomy.num_branches)
-        self.schedule = schedule
+        self.schedule, self.needed = schedule, self._needed(schedule)
         self.reset()
+
+    def _needed(self, schedule: Schedule) -> frozenset:
+        """The block boundaries a transformer's full steps record: those the schedule's partial steps cut at."""
+        bounds = getattr(self.anatomy, "boundaries", None)
+        return frozenset(k for s in schedule.steps if s.kind is StepKind.PARTIAL and bounds
+                         for k in bounds(s.branch))
 
     def scheduler_mismatch(self) -> str | None:
         """Why the pipeline's scheduler does not fit the schedule (kind, step count, timesteps); None if it does."""
@@ -273,14 +263,10 @@ class StepEngine:
             raise FlexdiffError("this UNet already has a flexdiff schedule applied; remove it first")
         key = 0
         for anat in self.anatomies:
-            for group in (anat.units, anat.blocks):
-                for unit in group:
-                    for module in unit.modules:
-                        HookRegistry.check_if_exists_or_initialize(module).register_hook(
-                            _CacheHook(self, key, unit.depth), HOOK_NAME
-                        )
-                        self._hooked.append(module)
-                        key += 1
+            for module, hook in anat.hooks(self, key):
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+                self._hooked.append(module)
+            key += anat.cache_keys
         HookRegistry.check_if_exists_or_initialize(self.unet).register_hook(_StepHook(self), HOOK_NAME)
         self._hooked.append(self.unet)
         side = getattr(self._pipeline, "controlnet", None)

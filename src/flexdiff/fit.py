@@ -5,7 +5,7 @@ optimiser (with gradient clipping), a checkpoint every N steps holding the modul
 optimiser, the one random generator and the loop's own state, and a settings guard that refuses
 to resume a checkpoint written for something else. A killed run started again continues from the
 last checkpoint and ends with the same result as an uninterrupted one: every random draw comes
-from the checkpointed generator. Also the one noising formula of the forward process.
+from the checkpointed generator. Also the noising formulas of the forward processes (DDPM, flow).
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumpro
     """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps: the forward process q(x_t | x_0) (DDPM eq. 4)."""
     a = alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) x_0 + sigma eps: the rectified-flow path (Liu et al. 2023; SD3, Esser et al. 2024)."""
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
+from .conditioning import LABEL_TOKENS_FILE, LabelTokens
 from .errors import FlexdiffError
 from .io import load_strict, read_json_object
 from .mixture import experts_of, is_mixture_folder, load_mixture
@@ -16,6 +18,9 @@ from .pipelines import PipelineParts, needs_parts, pipeline_index, side_networks
 from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
 
 UNet = UNet2DModel | UNet2DConditionModel
+# the denoiser classes flexdiff loads and cuts (anatomy.py, transformer_anatomy.py)
+DENOISER_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
+                    "SD3Transformer2DModel", "FluxTransformer2DModel")
 
 # Architecture of the embedded default (about 1.1 M parameters, 61.7 M MACs per forward):
 # class-conditional on the 10 digits, with an 11th, null label for unconditional sampling.
@@ -32,6 +37,25 @@ DEFAULT_UNET_CONFIG = dict(
     attention_head_dim=32,
     num_class_embeds=DIGIT_CLASSES + 1,
 )
+
+# The default transformer: SD3-shaped (MMDiT joint blocks, flow matching), class-conditional through one-hot
+# label tokens (conditioning.LabelTokens; 10 digits + the null label), 8 blocks of 4 heads x 24.
+DEFAULT_TRANSFORMER_CONFIG = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=1,
+    out_channels=1,
+    num_layers=8,
+    attention_head_dim=24,
+    num_attention_heads=4,
+    joint_attention_dim=DIGIT_CLASSES + 1,
+    caption_projection_dim=96,
+    pooled_projection_dim=DIGIT_CLASSES + 1,
+    pos_embed_max_size=8,
+    qk_norm="rms_norm",
+)
+DEFAULT_LABEL_TOKENS = LabelTokens(DIGIT_CLASSES + 1)
+
 
 def assets_dir() -> Path:
     return Path(str(resources.files("flexdiff") / "assets"))
@@ -137,45 +161,56 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
         return LoadedModel(unet=mixture, scheduler_config=mixture.scheduler_config, path=path, parts=parts)
     unet_dir, sched_file = path, path / "scheduler_config.json"
     if (path / "model_index.json").exists():
-        unet_dir = path / "unet"
+        index = read_json_object(path / "model_index.json", "the pipeline index")
+        unet_dir = path / ("transformer" if "transformer" in index else "unet")
         sched_file = path / "scheduler" / "scheduler_config.json"
         guided_by = side_networks(pipeline_index(path))
         if guided_by:  # sampling its UNet alone would silently drop the control
-            raise FlexdiffError(f"{option} {path}: a pipeline whose UNet is steered by a {guided_by} at every step; "
-                                "flexdiff's commands sample the UNet alone. Run it through diffusers with "
+            raise FlexdiffError(f"{option} {path}: a pipeline whose denoiser is steered by a {guided_by} at every "
+                                "step; flexdiff's commands sample the denoiser alone. Run it through diffusers with "
                                 "flexdiff.apply_schedule(pipe, schedule) (README: Python API), which also skips the "
                                 f"{guided_by} on null steps")
         if not unet_dir.is_dir():
-            index = read_json_object(path / "model_index.json", "the pipeline index")
             parts = ", ".join(f"{k}: {v[1] if isinstance(v, list) and len(v) > 1 else v}" for k, v in index.items()
                               if not k.startswith("_"))
-            raise FlexdiffError(f"{option} {path}: a pipeline folder without a unet/ subfolder ({parts}); flexdiff "
-                                "needs a UNet denoiser (UNet2DModel or UNet2DConditionModel)")
+            raise FlexdiffError(f"{option} {path}: a pipeline folder without a unet/ or transformer/ subfolder "
+                                f"({parts}); flexdiff needs its denoiser ({', '.join(DENOISER_CLASSES)})")
     config_file = unet_dir / "config.json"
     if not config_file.exists():
         raise FlexdiffError(
             f"{option} {path}: not a diffusers model folder (no config.json"
-            f"{' in unet/' if unet_dir != path else ' and no model_index.json'})"
+            f"{' in ' + unet_dir.name + '/' if unet_dir != path else ' and no model_index.json'})"
         )
-    config = read_json_object(config_file, "the UNet config")
+    config = read_json_object(config_file, "the denoiser config")
     for field in ("sample_size", "in_channels", "out_channels"):
         v = config.get(field)
-        if field in config and not (type(v) is int and v > 0) and not (field == "sample_size" and v is None):
+        if field in config and not (type(v) is int and v > 0) and not (field in ("sample_size", "out_channels")
+                                                                         and v is None):
             raise FlexdiffError(f"{config_file}: {field} is {v!r}; expected a whole number above 0")
     cls_name = config.get("_class_name")
-    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-    if cls_name not in classes:
+    if cls_name not in DENOISER_CLASSES:
         raise FlexdiffError(
-            f"{config_file}: _class_name is {cls_name!r}; flexdiff supports "
-            f"{', '.join(classes)}"
+            f"{config_file}: _class_name is {cls_name!r}; flexdiff supports {', '.join(DENOISER_CLASSES)}"
         )
     if not any(unet_dir.glob("*.safetensors")):
         raise FlexdiffError(
             f"{option} {path}: no safetensors weights in {unet_dir} (flexdiff does not unpickle "
             "*.bin files; convert them with diffusers' save_pretrained(safe_serialization=True))"
         )
-    unet = load_strict(classes[cls_name], unet_dir, f"{option} {path}")
+    if cls_name not in ("UNet2DModel", "UNet2DConditionModel") and not sched_file.exists():
+        raise FlexdiffError(f"{option} {path}: no {sched_file.relative_to(path)}; a transformer's noise schedule "
+                            "(flow matching or DDPM, its shift) cannot be guessed: save its scheduler's config there "
+                            "(scheduler.save_config)")
+    unet = load_strict(getattr(diffusers, cls_name), unet_dir, f"{option} {path}")
     unet.eval().requires_grad_(False)
+    tokens_file = unet_dir / LABEL_TOKENS_FILE
+    if tokens_file.exists():  # a transformer that takes class labels as one-hot tokens (the default transformer)
+        spec = read_json_object(tokens_file, "the label tokens")
+        unet.flexdiff_label_tokens = LabelTokens(spec.get("classes"))
+        if unet.flexdiff_label_tokens.classes != getattr(unet.config, "joint_attention_dim", None):
+            raise FlexdiffError(f"{tokens_file}: classes is {unet.flexdiff_label_tokens.classes}; the model's "
+                                f"joint_attention_dim is {getattr(unet.config, 'joint_attention_dim', None)} "
+                                "(one-hot tokens need the two equal)")
     sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
         if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
     index = pipeline_index(path)
@@ -189,12 +224,21 @@ def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:
     return UNet2DModel(**{**DEFAULT_UNET_CONFIG, **overrides})
 
 
-def save_model(unet: UNet, scheduler_config: dict, out_dir: Path) -> Path:
-    """`save_pretrained` layout (safetensors) plus the scheduler config beside it."""
+def build_default_transformer(seed: int = 0, **overrides) -> SD3Transformer2DModel:
+    """A freshly initialised transformer with the default transformer's architecture (for training)."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**{**DEFAULT_TRANSFORMER_CONFIG, **overrides})
+
+
+def save_model(unet, scheduler_config: dict, out_dir: Path, tokens: LabelTokens | None = None) -> Path:
+    """`save_pretrained` layout (safetensors) plus the scheduler config beside it (and, for a transformer
+    that takes its labels as tokens, `label_tokens.json`)."""
     from .io import write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir, safe_serialization=True)
     write_json(out_dir / "scheduler_config.json", scheduler_config)
+    if tokens is not None:
+        write_json(out_dir / LABEL_TOKENS_FILE, {"classes": tokens.classes})
     return out_dir

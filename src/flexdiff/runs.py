@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from .errors import FlexdiffError
-from .samplers import SCHEDULER_CLASSES
+from .samplers import FLOW_SAMPLERS, SCHEDULER_CLASSES
 from .schedule import Schedule, StepKind
 
 SLOTS = 4  # calls per step a run keeps apart (guidance in two calls uses 2); more grow the lists
@@ -54,9 +55,21 @@ class EngineRun:
 
 
 def place_timestep(t, timesteps, what: str) -> int:
-    """The position of timestep `t` in the scheduler's `timesteps` (refused when absent or repeated)."""
+    """The position of timestep `t` in the scheduler's `timesteps` (refused when absent or repeated).
+
+    Exact where the pipeline passes the scheduler's own value; else the nearest one, if it is clearly the nearest
+    (closer than half the next one, within 0.5% of the largest timestep): FLUX's pipeline passes t / 1000 in the
+    latents' dtype, which comes back as t only to within rounding (bfloat16: 0.4%)."""
     value = float(torch.as_tensor(t).reshape(-1)[0])
-    found = (torch.as_tensor(timesteps).float().cpu() == value).nonzero()
+    ts = torch.as_tensor(timesteps).double().cpu()
+    found = (ts == value).nonzero()
+    if len(found) == 0 and len(ts):
+        gaps = (ts - value).abs()
+        order = gaps.argsort()
+        near = float(gaps[order[0]])
+        second = float(gaps[order[1]]) if len(ts) > 1 else float("inf")
+        if near < 0.5 * second and near <= 0.005 * float(ts.abs().max()):
+            return int(order[0])
     if len(found) != 1:
         raise FlexdiffError(
             f"the {what} at timestep {value:g}, which is {'not one' if not len(found) else 'more than one'} "
@@ -72,6 +85,11 @@ def scheduler_mismatch(sched: Any, want: Schedule) -> str | None:
         return (f"the schedule was made for {want.sampler} ({cls.__name__}) but the pipeline uses "
                 f"{type(sched).__name__}; set pipe.scheduler = flexdiff.samplers.make_scheduler"
                 f"({want.sampler!r}, pipe.scheduler.config) (or {cls.__name__}.from_config(pipe.scheduler.config))")
+    flow_mode = bool(getattr(sched.config, "use_flow_sigmas", False)) or cls is FlowMatchEulerDiscreteScheduler
+    if flow_mode != (want.sampler in FLOW_SAMPLERS):
+        return (f"the schedule was made for {want.sampler} but the pipeline's {type(sched).__name__} runs in "
+                f"{'flow-matching' if flow_mode else 'noise-prediction'} mode; set pipe.scheduler = "
+                f"flexdiff.samplers.make_scheduler({want.sampler!r}, pipe.scheduler.config)")
     timesteps = getattr(sched, "timesteps", None)
     n = 0 if timesteps is None else len(timesteps)
     if want.timesteps is not None:

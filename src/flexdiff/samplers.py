@@ -11,14 +11,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from .errors import FlexdiffError
 
 if TYPE_CHECKING:  # schedule.py imports SAMPLERS from here
     from .schedule import Schedule
 
-SAMPLERS = ("ddim", "dpmsolver++", "euler", "unipc")
+SAMPLERS = ("ddim", "dpmsolver++", "euler", "unipc", "flow-euler", "flow-dpmsolver++", "flow-unipc")
+# the samplers of a flow-matching model (a FlowMatch* scheduler config: SD3, FLUX, the default transformer)
+FLOW_SAMPLERS = ("flow-euler", "flow-dpmsolver++", "flow-unipc")
+
+# samplers whose diffusers scheduler takes a list of timesteps (`set_timesteps(timesteps=...)`)
+EXPLICIT_TIMESTEPS = ("dpmsolver++", "euler", "flow-euler")
 
 # The diffusers scheduler class behind each sampler name, and the settings flexdiff gives it on
 # top of the model's scheduler config.
@@ -27,12 +38,20 @@ SCHEDULER_CLASSES = {
     "dpmsolver++": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,  # UniPC (Zhao et al. 2023): a stronger few-step peer
+    "flow-euler": FlowMatchEulerDiscreteScheduler,  # SD3's and FLUX's own sampler
+    "flow-dpmsolver++": DPMSolverMultistepScheduler,  # in diffusers' flow mode (flow sigmas, velocity)
+    "flow-unipc": UniPCMultistepScheduler,
 }
 SCHEDULER_OPTIONS = {
     "ddim": dict(timestep_spacing="trailing", clip_sample=False),
     "dpmsolver++": dict(algorithm_type="dpmsolver++", solver_order=2),
     "euler": {},
     "unipc": dict(solver_order=2, predict_x0=True, solver_type="bh2"),
+    "flow-euler": {},
+    "flow-dpmsolver++": dict(algorithm_type="dpmsolver++", solver_order=2, use_flow_sigmas=True,
+                             prediction_type="flow_prediction"),
+    "flow-unipc": dict(solver_order=2, predict_x0=True, solver_type="bh2", use_flow_sigmas=True,
+                       prediction_type="flow_prediction"),
 }
 
 # The noise schedule the default model is trained with (DDPM, linear betas, 1,000 steps).
@@ -43,6 +62,21 @@ DEFAULT_SCHEDULER_CONFIG = dict(
     beta_schedule="linear",
     prediction_type="epsilon",
 )
+# The noise schedule of the default transformer: flow matching (x_t = (1 - t) x_0 + t eps, velocity target),
+# sampled by FlowMatchEulerDiscreteScheduler with no shift (16x16 images need none).
+FLOW_SCHEDULER_CONFIG = dict(
+    _class_name="FlowMatchEulerDiscreteScheduler",
+    num_train_timesteps=1000,
+    shift=1.0,
+)
+
+
+def is_flow(scheduler_config: dict) -> bool:
+    """Whether a model was trained with flow matching (a FlowMatch* scheduler config, or one in flow mode)."""
+    return (str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+            or bool(scheduler_config.get("use_flow_sigmas")) or scheduler_config.get("prediction_type") == "flow_prediction")
+
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -53,19 +87,46 @@ def check_sampler(name: str, option: str = "--sampler") -> str:
     return name
 
 
+def samplers_for(scheduler_config: dict) -> tuple[str, ...]:
+    """The samplers a model trained with `scheduler_config` can use: flow samplers for a flow model, else the rest."""
+    return FLOW_SAMPLERS if is_flow(scheduler_config) else tuple(s for s in SAMPLERS if s not in FLOW_SAMPLERS)
+
+
+def default_sampler(scheduler_config: dict) -> str:
+    """The sampler the model's own pipeline uses by default: flow Euler on a flow model, DDIM otherwise."""
+    return "flow-euler" if is_flow(scheduler_config) else "ddim"
+
+
+def check_sampler_fits(sampler: str, scheduler_config: dict, option: str = "--sampler") -> str:
+    """Refuse a sampler that does not fit the model's training (DDIM on a flow model, flow Euler on a DDPM one)."""
+    check_sampler(sampler, option)
+    fits = samplers_for(scheduler_config)
+    if sampler not in fits:
+        kind = "a flow-matching model" if is_flow(scheduler_config) else "a DDPM-trained (noise-prediction) model"
+        raise FlexdiffError(f"{option} {sampler}: this is {kind}; its samplers are {', '.join(fits)}")
+    return sampler
+
+
 def make_scheduler(sampler: str, scheduler_config: dict):
     """A fresh diffusers scheduler of kind `sampler` for a model trained with `scheduler_config`.
 
     DDIM uses "trailing" timestep spacing, so that few-step runs start at the last training
     timestep (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
     """
-    check_sampler(sampler, "sampler")
+    check_sampler_fits(sampler, scheduler_config, "sampler")
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    return SCHEDULER_CLASSES[sampler].from_config(cfg, **SCHEDULER_OPTIONS[sampler])
+    options = dict(SCHEDULER_OPTIONS[sampler])
+    if sampler in ("flow-dpmsolver++", "flow-unipc"):
+        options["flow_shift"] = float(cfg.pop("shift", 1.0))  # the flow model's own time shift
+    return SCHEDULER_CLASSES[sampler].from_config(cfg, **options)
 
 
 def set_timesteps(scheduler, schedule: "Schedule") -> None:
     """Give `scheduler` the schedule's steps: its own spacing, or the schedule's explicit timesteps."""
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        raise FlexdiffError(f"{type(scheduler).__name__} with use_dynamic_shifting (FLUX) needs the image's sequence "
+                            "length to place its timesteps: sample it through its diffusers pipeline with "
+                            "flexdiff.apply_schedule(pipe, schedule) (README: transformers)")
     if schedule.timesteps is None:
         scheduler.set_timesteps(schedule.num_steps)
     else:

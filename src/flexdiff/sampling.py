@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .anatomy import num_branches
-from .conditioning import Conditioning
+from .conditioning import Conditioning, class_spec
 from .devices import placement, to_model
 from .engine import StepEngine
 from .errors import FlexdiffError
@@ -28,12 +28,11 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def null_conditioning(unet) -> Conditioning | None:
-    """Unconditional sampling of a class-conditional UNet2DModel: every row gets the null label."""
-    first = unet.experts[0] if is_mixture(unet) else unet
-    n = getattr(first.config, "num_class_embeds", None)
-    if n is None or isinstance(first, UNet2DConditionModel):
+    """Unconditional sampling of a class-conditional model: every row gets the null label."""
+    spec = class_spec(unet.experts[0] if is_mixture(unet) else unet)
+    if spec is None:
         return None
-    return Conditioning(class_labels=torch.tensor([n - 1]), null_label=n - 1)
+    return Conditioning(class_labels=torch.tensor([spec.null]), null_label=spec.null, tokens=spec.tokens)
 
 
 @dataclass
@@ -48,14 +47,16 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
     engine.reset()
     # the model's device and dtype; the noise comes from the CPU and the sampler's arithmetic stays in float32
     device, dtype = placement(unet)
-    x = x.to(device=device, dtype=torch.float32) * scheduler.init_noise_sigma
+    x = x.to(device=device, dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)  # flow: none
+    scale = getattr(scheduler, "scale_model_input", None)  # flow matching's Euler has none
     kwargs = cond.model_kwargs(x.shape[0]) if cond is not None else {}
     kwargs = to_model(kwargs, device, dtype)
     guided = cond is not None and cond.guided
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
-        model_in = scheduler.scale_model_input(model_in, t)
-        eps = unet(model_in.to(dtype), t, **kwargs).sample.float()  # full, partial or null: the engine decides
+        model_in = scale(model_in, t) if scale is not None else model_in
+        # full, partial or null: the engine decides. `eps` is what the model predicts (noise, or a flow's velocity)
+        eps = unet(model_in.to(dtype), timestep=t.expand(model_in.shape[0]), **kwargs).sample.float()
         if guided:  # classifier-free guidance (Ho & Salimans 2022): eps_u + w (eps_c - eps_u)
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cond.guidance_scale * (eps_c - eps_u)
@@ -113,10 +114,9 @@ def sample(
 
 
 def num_classes(unet) -> int | None:
-    """Classes of a class-conditional UNet2DModel (its null label excluded); None for other models."""
-    first = unet.experts[0] if is_mixture(unet) else unet
-    n = getattr(first.config, "num_class_embeds", None)
-    return None if n is None or isinstance(first, UNet2DConditionModel) else n - 1
+    """Classes of a class-conditional model (its null label excluded); None for other models."""
+    spec = class_spec(unet.experts[0] if is_mixture(unet) else unet)
+    return None if spec is None else spec.classes
 
 
 def parse_labels(text: str, classes: int, option: str = "--labels") -> tuple[int, ...]:
@@ -155,7 +155,8 @@ def class_conditioning(unet, labels: tuple[int, ...] | None, n: int, guidance: f
     classes = num_classes(unet)
     if classes is None:
         if labels:
-            raise FlexdiffError("--labels is only for class-conditional models (a UNet2DModel with num_class_embeds)")
+            raise FlexdiffError("--labels is only for class-conditional models (a UNet2DModel with num_class_embeds, "
+                                "a DiT, or a transformer with label_tokens.json)")
         return None
     if not labels:
         if guidance != 1.0:
@@ -163,4 +164,5 @@ def class_conditioning(unet, labels: tuple[int, ...] | None, n: int, guidance: f
                                 "uses the null label, which guidance contrasts with)")
         return null_conditioning(unet)
     rows = torch.tensor(labels, dtype=torch.long).repeat((n + len(labels) - 1) // len(labels))[:n]
-    return Conditioning(class_labels=rows, null_label=classes, guidance_scale=guidance)
+    spec = class_spec(unet.experts[0] if is_mixture(unet) else unet)
+    return Conditioning(class_labels=rows, null_label=spec.null, guidance_scale=guidance, tokens=spec.tokens)

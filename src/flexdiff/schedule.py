@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import FlexdiffError
 from .io import read_json, write_json
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, default_sampler
 
 SCHEDULE_FORMAT = 1
 SCHEDULE_FIELDS = frozenset({"format", "name", "sampler", "num_steps", "steps", "timesteps", "meta"})
@@ -220,6 +220,12 @@ class Schedule:
     @classmethod
     def full(cls, sampler: str, num_steps: int, name: str = "") -> "Schedule":
         return cls(sampler, (FULL,) * num_steps, name or f"{sampler}-{num_steps}")
+
+    @classmethod
+    def teacher(cls, scheduler_config: dict, num_steps: int = 100) -> "Schedule":
+        """The teacher of a model: its pipeline's default sampler (DDIM; flow Euler on a flow-matching model) with
+        `num_steps` full steps."""
+        return cls.full(default_sampler(scheduler_config), num_steps)
 
     @classmethod
     def deepcache(cls, sampler: str, num_steps: int, interval: int, branch: int, name: str = "") -> "Schedule":

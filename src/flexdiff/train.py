@@ -1,8 +1,9 @@
-"""Training a diffusion UNet (epsilon prediction, DDPM noise schedule) with EMA and resumable checkpoints.
+"""Training a denoiser with EMA and resumable checkpoints: a UNet (epsilon prediction, DDPM noise schedule) or
+a transformer (flow matching: velocity target, logit-normal timesteps as SD3 trains them).
 
-Class-conditional models (a UNet2DModel with `num_class_embeds`) are trained with label dropout:
-the last class index is the *null* label, so one model samples unconditionally and with
-classifier-free guidance (Ho & Salimans 2022).
+Class-conditional models (a UNet2DModel with `num_class_embeds`, or a transformer given its labels as one-hot
+tokens, `conditioning.LabelTokens`) are trained with label dropout: the last class index is the *null* label,
+so one model samples unconditionally and with classifier-free guidance (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from .conditioning import LabelTokens
 from .configs import Config
 from .devices import CPU_FLOAT32, autocast, runs_on, training_dtype
 from .errors import FlexdiffError
 from .fingerprints import data_fingerprint
-from .fit import Fit, noised, warmup_cosine
+from .fit import Fit, flow_noised, noised, warmup_cosine
 from .io import write_json
 from .models import UNet2DModel, save_model
-from .samplers import DEFAULT_SCHEDULER_CONFIG
+from .samplers import DEFAULT_SCHEDULER_CONFIG, is_flow, num_train_timesteps
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,16 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, floor=0.1)
 
 
-def null_label(unet) -> int | None:
-    """The unconditional class index of a class-conditional UNet2DModel (its last one); None otherwise."""
-    n = getattr(unet.config, "num_class_embeds", None)
+def null_label(unet, tokens: LabelTokens | None = None) -> int | None:
+    """The unconditional class index of a class-conditional model (its last one); None otherwise."""
+    n = tokens.classes if tokens is not None else getattr(unet.config, "num_class_embeds", None)
     return None if n is None else n - 1
+
+
+def _predict(model, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, tokens: LabelTokens | None):
+    if tokens is not None:
+        return model(xt, timestep=t, **tokens.kwargs(y)).sample
+    return model(xt, t).sample if y is None else model(xt, t, class_labels=y).sample
 
 
 def debiased_ema(ema, init: dict[str, torch.Tensor], decay: float, step: int):
@@ -103,14 +111,16 @@ def train(
     labels: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    tokens: LabelTokens | None = None,
 ) -> dict:
-    """Train `unet` on `images` ((N, C, H, W) in [-1, 1]); write the EMA model to `out_dir`.
+    """Train `unet` (a UNet, or a transformer: `tokens` then says how it takes its labels) on `images` ((N, C, H, W) in [-1, 1]); write the EMA model to `out_dir`.
 
     `device`: where it trains; `dtype`: float32, or bfloat16 autocast over float32 master weights. Every random
     draw is made on the CPU from the checkpointed generator and then moved, so a run's batches are the same
     everywhere; the device type and dtype are part of the run's identity (a checkpoint resumes only there).
 
-    A class-conditional UNet needs `labels` (N integers in [0, num_class_embeds - 1)); a share
+    The objective follows `scheduler_config`: flow matching for a FlowMatch* scheduler, else epsilon prediction.
+    A class-conditional model needs `labels` (N integers in [0, num_class_embeds - 1)); a share
     `cfg.label_dropout` of them is replaced by the null label at every step.
 
     A checkpoint (`out_dir/checkpoint.pt`) is written every `cfg.checkpoint_every` steps; a run
@@ -124,7 +134,7 @@ def train(
             f"data has shape {tuple(images.shape)}; the model expects "
             f"(N, {unet.config.in_channels}, H, W)"
         )
-    null = null_label(unet)
+    null = null_label(unet, tokens)
     if null is not None:
         if labels is None or labels.shape != (images.shape[0],):
             raise FlexdiffError(
@@ -134,7 +144,10 @@ def train(
             raise FlexdiffError(f"labels must lie in 0..{null - 1} (the model has {null} classes)")
     device, dtype = torch.device(device), training_dtype(dtype)
     where = runs_on(device, dtype)
-    alphas_cumprod = DDPMScheduler(**scheduler_config).alphas_cumprod.to(device)
+    flow = is_flow(scheduler_config)
+    steps_T = num_train_timesteps(scheduler_config)
+    alphas_cumprod = None if flow else DDPMScheduler(
+        **{k: v for k, v in scheduler_config.items() if not k.startswith("_")}).alphas_cumprod.to(device)
     unet.to(device=device, dtype=torch.float32).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     init = {k: v.detach().clone() for k, v in unet.named_parameters()}  # theta_0, for the EMA's bias correction
@@ -175,17 +188,22 @@ def train(
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=gen)  # drawn on the CPU, then moved: the same batches everywhere
-        t = torch.randint(0, len(alphas_cumprod), (cfg.batch_size,), generator=gen)
-        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        xt = noised(x0, noise, t, alphas_cumprod)
+        if flow:  # logit-normal sigma (SD3's training density), timestep = sigma * T as the flow schedulers use it
+            sigma = torch.randn(cfg.batch_size, generator=gen).sigmoid()
+            x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
+            xt, t, target = flow_noised(x0, noise, sigma), sigma * steps_T, noise - x0
+        else:
+            t = torch.randint(0, steps_T, (cfg.batch_size,), generator=gen)
+            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+            xt, target = noised(x0, noise, t, alphas_cumprod), noise
         y = None
         if null is not None:  # label dropout teaches the null label: the unconditional half of guidance
             y = labels[idx].clone()
             y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = null
             y = y.to(device)
         with autocast(device, dtype):
-            pred = unet(xt, t).sample if y is None else unet(xt, t, class_labels=y).sample
-        loss = F.mse_loss(pred.float(), noise)
+            pred = _predict(unet, xt, t, y, tokens)
+        loss = F.mse_loss(pred.float(), target)
         loss.backward()
         return loss.item()
 
@@ -197,13 +215,13 @@ def train(
             on_step(done, fit.losses[-1])
         if cfg.snapshot_every and done % cfg.snapshot_every == 0:
             save_model(debiased_ema(ema, fit.state["init"], cfg.ema_decay, done), scheduler_config,
-                       out_dir / "snapshots" / f"step-{done:06d}")
+                       out_dir / "snapshots" / f"step-{done:06d}", tokens)
 
     fit.run(step_loss, progress, "training", describe=lambda f: f"training loss {f.mean_loss(50):.4f}",
             after_step=after_step)
     losses, elapsed, init = fit.losses, fit.elapsed, fit.state["init"]
     final_loss = sum(losses[-200:]) / max(1, len(losses[-200:]))
-    save_model(debiased_ema(ema, init, cfg.ema_decay, cfg.steps), scheduler_config, out_dir)
+    save_model(debiased_ema(ema, init, cfg.ema_decay, cfg.steps), scheduler_config, out_dir, tokens)
     summary = dict(
         config=asdict(cfg),
         steps=cfg.steps,

@@ -153,7 +153,11 @@ def resolve_schedule(schedule: Optional[Path], sampler: Optional[str], steps: Op
     if schedule is not None:
         sched, where = Schedule.load(schedule), f"--schedule {schedule}"
     else:
-        sampler, steps, branch = sampler or "ddim", steps or 100, branch or 0
+        from ..samplers import check_sampler_fits, default_sampler
+
+        if sampler is not None:
+            check_sampler_fits(sampler, loaded.scheduler_config)  # names --sampler
+        sampler, steps, branch = sampler or default_sampler(loaded.scheduler_config), steps or 100, branch or 0
         where = " ".join(f"--{n} {v}" for n, v in (("sampler", sampler), ("steps", steps), ("deepcache", deepcache),
                                                    ("branch", branch if deepcache else None)) if v is not None)
         sched = Schedule.deepcache(sampler, steps, deepcache, branch) if deepcache else Schedule.full(sampler, steps)
@@ -164,9 +168,11 @@ def resolve_schedule(schedule: Optional[Path], sampler: Optional[str], steps: Op
 def check_schedule(sched, loaded, where: str) -> None:
     """Does `sched` run on this model (branches, timesteps)? The message names the file it came from."""
     from ..anatomy import num_branches
+    from ..samplers import check_sampler_fits
 
     T = int(loaded.scheduler_config.get("num_train_timesteps", 1000))
     try:
+        check_sampler_fits(sched.sampler, loaded.scheduler_config, "sampler")
         if sched.num_steps > T:
             raise FlexdiffError(f"{sched.num_steps} steps, but the model was trained on {T} timesteps: at most {T} steps")
         sched.check_fits(num_branches(loaded.unet), num_train_timesteps=T)
@@ -284,7 +290,7 @@ def workers_from_options(workers: Optional[int], address: Optional[str], threads
     return from_options(workers, address, threads, gpus)
 
 
-SamplerOpt = typer.Option(None, "--sampler", help="ddim (default) | dpmsolver++ | euler | unipc (not with --schedule, which says it).")
+SamplerOpt = typer.Option(None, "--sampler", help="ddim (default) | dpmsolver++ | euler | unipc; on a flow-matching model (SD3, FLUX, the default transformer) flow-euler (default) | flow-dpmsolver++ | flow-unipc. Not with --schedule, which says it.")
 StepsOpt = typer.Option(None, "--steps", min=1, help="Sampler steps (default 100; not with --schedule, which says it).")
 ScheduleOpt = typer.Option(None, "--schedule", help="A schedule JSON (full / partial:<branch> / null per step).")
 DeepCacheOpt = typer.Option(None, "--deepcache", min=1, help="DeepCache uniform 1:N: a full step every N steps, partial between.")

@@ -137,7 +137,7 @@ def evaluate(
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
     c = loaded.unet.config
     meter = meter_for(loaded, inception_weights, real_data)
-    teacher = Schedule.full("ddim", teacher_steps)
+    teacher = Schedule.teacher(loaded.scheduler_config, teacher_steps)
     noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
     texts = prompts_from_options(prompt, prompts)
     conditioning = conditioning_from_options(loaded, None, labels, guidance, samples, texts, negative_prompt)

@@ -43,7 +43,7 @@ def search(
     pareto: bool = typer.Option(False, "--pareto", help="Multi-objective (fitness vs MACs, NSGA-II): return the whole front (budget optional)."),
     space: str = typer.Option("segment", "--space", help="segment (Flexiffusion) or stepwise (AutoDiffusion-style: timesteps and per-step layer skipping)."),
     model: Optional[Path] = ModelOpt,
-    sampler: str = typer.Option("dpmsolver++", "--sampler", help="Base sampler of the schedules (segment space: ddim | dpmsolver++ | euler)."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Base sampler of the schedules: dpmsolver++ (default) | ddim | euler | unipc; on a flow-matching model flow-dpmsolver++ (default) | flow-euler | flow-unipc. Explicit timesteps (--ends, --space stepwise): dpmsolver++, euler, flow-euler."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Choices of the step count T (default 4,5,6,7,8,10,12,15,20,25; stepwise: 6,8,10,12)."),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="Choices of the segment length L, e.g. 1,2,3,4,5."),
     branches: Optional[str] = typer.Option(None, "--branches", help="Branches partial steps may use (default: all of the model's)."),
@@ -74,7 +74,7 @@ def search(
     from ..mixture import original_teacher_macs
     from ..models import load_model
     from ..outputs import check_folder_target, run_folder
-    from ..samplers import check_sampler, num_train_timesteps
+    from ..samplers import check_sampler, check_sampler_fits, is_flow, num_train_timesteps
     from ..search import SearchConfig, search_from_settings
     from ..search.fitness import default_metric
     from ..search.space import make_space
@@ -91,8 +91,11 @@ def search(
         if speedup <= 1:
             raise FlexdiffError(f"--speedup {speedup}: must be > 1")
         budget = 1 / speedup
-    check_sampler(sampler)
+    if sampler is not None:
+        check_sampler(sampler)
     loaded = load_model(model, device=placed[0], dtype=placed[1])
+    sampler = sampler or ("flow-dpmsolver++" if is_flow(loaded.scheduler_config) else "dpmsolver++")
+    check_sampler_fits(sampler, loaded.scheduler_config)
     reference_model = None if reference is None else \
         load_model(None if str(reference) == "default" else reference, "--reference", *placed)  # None: the shipped model
     sp = make_space(space, sampler, num_train_timesteps(loaded.scheduler_config), count_branches(loaded.unet),

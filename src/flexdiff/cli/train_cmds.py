@@ -25,6 +25,7 @@ from .app import (
 @user_errors
 def train(
     out: Path = typer.Option(..., "--out", help="Folder for the trained model (diffusers layout) and its checkpoint."),
+    arch: str = typer.Option("unet", "--arch", help="unet (the default UNet: DDPM, epsilon) or transformer (the default transformer: SD3-shaped, flow matching; digits only)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder of images to train on (an unconditional model). Default: scikit-learn's digits (train split, 16x16), class-conditional."),
     resolution: int = typer.Option(16, min=8, help="Image size for --data (square)."),
     steps: int = typer.Option(2400, min=1, help="Optimiser steps (with --lr-schedule constant, a finished run can be extended by raising it)."),
@@ -41,15 +42,21 @@ def train(
     device: str = DeviceOpt,
     dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16 (autocast with float32 master weights; auto picks it on a GPU that has it). float16 is refused: it needs loss scaling."),
 ):
-    """Train a diffusion UNet (epsilon prediction, DDPM, EMA weights). Resumes if --out holds a checkpoint."""
+    """Train the default UNet (epsilon, DDPM) or transformer (flow matching), EMA weights. Resumes if --out holds a checkpoint."""
     import time
 
     from ..data import load_digits_split, load_image_folder
-    from ..models import DEFAULT_UNET_CONFIG, build_default_unet
+    from ..models import DEFAULT_LABEL_TOKENS, DEFAULT_UNET_CONFIG, build_default_transformer, build_default_unet
     from ..outputs import check_folder_target, run_folder
+    from ..samplers import FLOW_SCHEDULER_CONFIG
     from ..train import TrainConfig
     from ..train import train as run_train
 
+    if arch not in ("unet", "transformer"):
+        raise FlexdiffError(f"--arch {arch!r}: accepted values are unet, transformer")
+    if arch == "transformer" and data is not None:
+        raise FlexdiffError("--arch transformer trains the class-conditional default on the digits; --data (an "
+                            "unconditional image folder) works with --arch unet only")
     set_threads(threads)
     from ..devices import training_dtype
 
@@ -59,8 +66,11 @@ def train(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, seed=seed,
                       checkpoint_every=checkpoint_every, lr_schedule=lr_schedule, label_dropout=label_dropout,
                       snapshot_every=snapshot_every)
-    labels = None
-    if data is None:
+    labels, tokens, sched = None, None, None
+    if arch == "transformer":
+        images, labels = load_digits_split("train")
+        unet, tokens, sched = build_default_transformer(seed), DEFAULT_LABEL_TOKENS, FLOW_SCHEDULER_CONFIG
+    elif data is None:
         images, labels = load_digits_split("train")
         unet = build_default_unet(seed)
     else:
@@ -73,7 +83,8 @@ def train(
         unet = build_default_unet(seed, sample_size=resolution, in_channels=c, out_channels=c, num_class_embeds=None)
     t0 = time.perf_counter()
     with run_folder(out), progress_bar() as progress:
-        summary = run_train(unet, images, out, cfg, progress=progress, labels=labels, device=placed[0], dtype=placed[1])
+        summary = run_train(unet, images, out, cfg, scheduler_config=sched, progress=progress, labels=labels,
+                            device=placed[0], dtype=placed[1], tokens=tokens)
     console.print(
         f"trained {steps} steps on {images.shape[0]} images; final loss {summary['final_loss_last200']:.4f}; "
         f"this run {time.perf_counter() - t0:.0f} s, total {summary['wall_time_s']:.0f} s -> {out}"

@@ -76,7 +76,7 @@ def run_study(model, meter: QualityMeter, out_dir: Path, samples: int = 1000, ma
     noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
     feats = {}
     for steps in DDIM_STEPS:
-        images = sample(model.unet, model.scheduler_config, Schedule.full("ddim", steps), noise,
+        images = sample(model.unet, model.scheduler_config, Schedule.teacher(model.scheduler_config, steps), noise,
                         progress=progress, description=f"DDIM-{steps}").images
         feats[steps] = meter.features(images)
         levels.append(Level("ddim", f"DDIM-{steps}", steps, measure(feats[steps])))

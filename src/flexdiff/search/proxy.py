@@ -74,7 +74,7 @@ def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidat
     out_dir.mkdir(parents=True, exist_ok=True)
     space = space or SegmentSpace()
     costs = measure_step_costs(model.unet)
-    teacher = Schedule.full("ddim", 100)
+    teacher = Schedule.teacher(model.scheduler_config, 100)
     teacher_macs = costs.schedule_macs(teacher)
     schedules = schedules or spread_candidates(space, costs, teacher_macs, candidates, seed)
     proxy = Fitness(model, meter, teacher, "rfid", eval_samples, seed + 10_000, out_dir, progress=progress)

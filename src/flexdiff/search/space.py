@@ -51,7 +51,10 @@ class SegmentSpace:
     kind: str = "segment"
 
     def _ends(self) -> tuple[int, ...]:
-        return (0,) if self.sampler == "ddim" else self.end_choices  # DDIM cannot take explicit timesteps
+        from ..samplers import EXPLICIT_TIMESTEPS
+
+        # DDIM, UniPC and the flow multistep solvers cannot take explicit timesteps: their own spacing only
+        return self.end_choices if self.sampler in EXPLICIT_TIMESTEPS else (0,)
 
     def validate(self, num_branches: int) -> None:
         _validate_choices(self.step_choices, self.branches, num_branches)
@@ -274,7 +277,10 @@ def make_space(kind: str, sampler: str, num_train_timesteps: int, num_branches: 
             kw["end_choices"] = end_choices
         return SegmentSpace(sampler=sampler, **kw)
     if kind == "stepwise":
-        if sampler == "ddim":
-            raise FlexdiffError("--space stepwise picks its own timesteps: use --sampler dpmsolver++ or euler")
+        from ..samplers import EXPLICIT_TIMESTEPS
+
+        if sampler not in EXPLICIT_TIMESTEPS:
+            raise FlexdiffError(f"--space stepwise picks its own timesteps, which {sampler} cannot take: use --sampler "
+                                f"{' or '.join(EXPLICIT_TIMESTEPS)}")
         return StepwiseSpace(sampler=sampler, **kw)
     raise FlexdiffError(f"--space {kind!r}: accepted values are {', '.join(SPACES)}")

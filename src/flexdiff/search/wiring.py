@@ -35,7 +35,7 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
                             "the teacher only; use --metric distance")
     from ..fingerprints import weights_fingerprint
 
-    teacher = Schedule.full("ddim", cfg.teacher_steps)
+    teacher = Schedule.teacher(model.scheduler_config, cfg.teacher_steps)
     out_dir = Path(out_dir)
     if reference is not None:
         if cfg.metric == "fid":
