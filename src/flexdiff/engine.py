@@ -1,10 +1,10 @@
-"""The step engine: run a `Schedule` of full / partial / null steps on an unmodified diffusers UNet.
+"""The step engine: run a `Schedule` of full / partial / null steps on an unmodified diffusers denoiser.
 
-Mechanism (DeepCache, Ma et al. CVPR 2024): the UNet's down path produces skip tensors
-s_0 (conv_in) ... s_{K-1}; the up path consumes them in reverse. A partial step at branch `b`
-recomputes only the units that produce s_0..s_b and the up units that consume them; every
-deeper unit (and the mid block) returns the output it produced at the last full step. A null
-step makes no network call and returns the last noise prediction.
+Where a partial step cuts is the anatomy's business (anatomy.py): a UNet recomputes its shallow skip units
+and takes the deep ones from the last full step (DeepCache, Ma et al. CVPR 2024); a transformer runs its
+first and last blocks and adds the middle's cached residual (transformer_anatomy.py). A null step makes no
+network call and returns the last prediction. The engine installs the anatomy's hooks and decides, call by
+call, which kind of step runs; it never branches on the model's class.
 
 Everything is done with diffusers' removable `ModelHook`s on module instances: no forked
 UNet code, no class patching. The per-run state (step index, cache) lives in `EngineRun`.
@@ -331,16 +331,18 @@ class StepEngine:
 
 
 def apply_schedule(model_or_pipeline: Any, schedule: Schedule) -> StepEngine:
-    """Apply `schedule` to a diffusers UNet or to a pipeline's `.unet`; returns the attached engine.
+    """Apply `schedule` to a diffusers denoiser (UNet or transformer) or to a pipeline's `.unet` / `.transformer`;
+    returns the attached engine.
 
     Call `engine.detach()` (or use the engine as a context manager) to restore the model. A
-    pipeline must be called with the schedule's steps (`num_inference_steps=schedule.num_steps`,
-    or `timesteps=list(schedule.timesteps)` when it has its own) and a scheduler of the schedule's
-    kind; a scheduler swapped in after this call is followed. Each UNet call is placed by its
+    pipeline must be called with the schedule's steps (`**schedule.pipeline_kwargs()`) and a scheduler of the
+    schedule's kind; a scheduler swapped in after this call is followed. Each denoiser call is placed by its
     timestep (img2img, interrupted runs and two calls per step stay in step: see the module's
-    docstring), and the plan of each next call is made on the host, so a compiled UNet runs it.
+    docstring), and the plan of each next call is made on the host, so a compiled denoiser runs it.
     """
-    unet = getattr(model_or_pipeline, "unet", None)
-    if unet is None:
+    denoiser = getattr(model_or_pipeline, "unet", None)
+    if denoiser is None:
+        denoiser = getattr(model_or_pipeline, "transformer", None)
+    if denoiser is None:
         return StepEngine(model_or_pipeline, schedule).attach()
-    return StepEngine(unet, schedule, pipeline=model_or_pipeline).attach()
+    return StepEngine(denoiser, schedule, pipeline=model_or_pipeline).attach()
