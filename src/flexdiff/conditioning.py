@@ -66,6 +66,14 @@ def class_spec(model) -> ClassSpec | None:
     return ClassSpec(n - 1, n - 1)
 
 
+TEXT_DENOISERS = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def takes_text(model) -> bool:
+    """Is the denoiser conditioned on text states (a prompt), as opposed to labels or nothing?"""
+    return type(model).__name__ in TEXT_DENOISERS and getattr(model, "flexdiff_label_tokens", None) is None
+
+
 @dataclass
 class Conditioning:
     """What a conditional UNet is conditioned on, with classifier-free guidance (Ho & Salimans 2022).
@@ -86,6 +94,11 @@ class Conditioning:
     added: dict[str, torch.Tensor] | None = None
     negative_added: dict[str, torch.Tensor] | None = None
     tokens: LabelTokens | None = None  # class labels given as one-hot tokens (a transformer: LabelTokens)
+    # a transformer's other per-row text inputs, as keyword arguments of its call (SD3: pooled_projections;
+    # PixArt: encoder_attention_mask), each paired with the unconditional branch's like the text states
+    extra: dict[str, torch.Tensor] | None = None
+    negative_extra: dict[str, torch.Tensor] | None = None
+    fixed: dict | None = None  # keyword arguments passed as they are (PixArt's added_cond_kwargs)
 
     def __post_init__(self):
         if (self.encoder_hidden_states is None) == (self.class_labels is None):
@@ -117,7 +130,10 @@ class Conditioning:
         if self.added is not None:
             neg = self.negative_added or {}
             out["added_cond_kwargs"] = {k: pair(v, neg.get(k)) if self.guided else rows(v) for k, v in self.added.items()}
-        return out
+        if self.extra is not None:
+            neg = self.negative_extra or {}
+            out.update({k: pair(v, neg.get(k)) if self.guided else rows(v) for k, v in self.extra.items()})
+        return {**out, **(self.fixed or {})}
 
     def rows(self, start: int, stop: int) -> "Conditioning":
         """The conditioning of rows start..stop of a batch (per-row tensors are sliced, shared ones kept)."""
@@ -127,4 +143,5 @@ class Conditioning:
             return None if d is None else {k: cut(v) for k, v in d.items()}
         return replace(self, encoder_hidden_states=cut(self.encoder_hidden_states), negative=cut(self.negative),
                        class_labels=cut(self.class_labels), added=cut_all(self.added),
-                       negative_added=cut_all(self.negative_added))
+                       negative_added=cut_all(self.negative_added), extra=cut_all(self.extra),
+                       negative_extra=cut_all(self.negative_extra))

@@ -10,7 +10,7 @@ import diffusers
 import torch
 from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from .conditioning import LABEL_TOKENS_FILE, LabelTokens
+from .conditioning import LABEL_TOKENS_FILE, LabelTokens, takes_text
 from .errors import FlexdiffError
 from .io import load_strict, read_json_object
 from .mixture import experts_of, is_mixture_folder, load_mixture
@@ -93,7 +93,7 @@ class LoadedModel:
 
     @property
     def is_conditional(self) -> bool:
-        return isinstance(experts_of(self.unet)[0], UNet2DConditionModel)  # a mixture: its experts' class
+        return takes_text(experts_of(self.unet)[0])  # a mixture: its experts' class
 
     @property
     def is_latent(self) -> bool:

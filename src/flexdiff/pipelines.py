@@ -19,6 +19,7 @@ from .io import read_json_object
 
 DECODERS = ("vae", "vqvae")
 TEXT_PARTS = ("text_encoder", "tokenizer")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def pipeline_index(path: Path) -> dict | None:
@@ -50,9 +51,11 @@ class PipelineParts:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self._prompt_length: int | None = None
 
     @classmethod
     def load(cls, path: Path, unet) -> "PipelineParts":
+        """The pipeline in `path` around the denoiser `unet` already loaded (its `unet` or `transformer`)."""
         from diffusers import DiffusionPipeline
 
         index = pipeline_index(path) or {}
@@ -63,17 +66,19 @@ class PipelineParts:
 
         diffusers_logging.disable_progress_bar()  # flexdiff's own bars say what runs; an error stays one line
         try:
-            pipe = DiffusionPipeline.from_pretrained(path, unet=unet, use_safetensors=True, local_files_only=True,
+            slot = "transformer" if "transformer" in index else "unet"
+            extra.update({k: None for k, v in index.items() if v == [None, None]})  # saved without (SD3's T5)
+            pipe = DiffusionPipeline.from_pretrained(path, **{slot: unet}, use_safetensors=True, local_files_only=True,
                                                      **extra)
         except Exception as e:  # diffusers / transformers raise many kinds for a broken folder
             raise FlexdiffError(f"--model {path}: cannot load the pipeline's other parts ({first_line(e)}); flexdiff loads "
                                 "safetensors weights and local tokenizer files only") from None
-        for part in DECODERS + ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        for part in DECODERS + TEXT_ENCODERS + ("tokenizer", "tokenizer_2", "tokenizer_3"):
             if _present(index, part) and getattr(pipe, part, None) is None:  # named, but nothing came of it
                 raise FlexdiffError(f"--model {path}: model_index.json names a {part} ({index[part][1]}) that could not "
                                     f"be loaded from {path / part}; without it the samples would not be "
                                     f"{'decoded' if part in DECODERS else 'conditioned on the prompts'}")
-        for part in ("vae", "vqvae", "text_encoder", "text_encoder_2"):
+        for part in DECODERS + TEXT_ENCODERS:
             m = getattr(pipe, part, None)
             if isinstance(m, torch.nn.Module):
                 m.eval().requires_grad_(False)
@@ -82,7 +87,7 @@ class PipelineParts:
     def to(self, device: torch.device, dtype: torch.dtype) -> "PipelineParts":
         """Move the text encoders to the device and dtype, and the decoder to the device in float32 (a VAE
         decoding in float16 can overflow, as SDXL's does; decoding is a small share of the time)."""
-        for part in ("vae", "vqvae", "text_encoder", "text_encoder_2"):
+        for part in DECODERS + TEXT_ENCODERS:
             m = getattr(self.pipe, part, None)
             if isinstance(m, torch.nn.Module):
                 m.to(device=device, dtype=torch.float32 if part in DECODERS else dtype)
@@ -94,17 +99,21 @@ class PipelineParts:
         return getattr(self.pipe, "vae", None) or getattr(self.pipe, "vqvae", None)
 
     @property
+    def denoiser(self):
+        return getattr(self.pipe, "unet", None) or self.pipe.transformer
+
+    @property
     def has_text(self) -> bool:
-        return getattr(self.pipe, "text_encoder", None) is not None or getattr(self.pipe, "text_encoder_2", None) is not None
+        return any(getattr(self.pipe, p, None) is not None for p in TEXT_ENCODERS)
 
     @property
     def is_sdxl(self) -> bool:
-        return getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
+        return getattr(self.denoiser.config, "addition_embed_type", None) == "text_time"
 
     @property
     def image_size(self) -> int:
         """Side of the decoded image in pixels."""
-        return int(self.pipe.unet.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
+        return int(self.denoiser.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
 
     # ---- latents -> images
     @torch.no_grad()
@@ -150,15 +159,37 @@ class PipelineParts:
         if not prompts:
             raise FlexdiffError("--prompts: the file holds no prompt (one per line)")
         guided = guidance != 1.0
-        encoder = getattr(self.pipe, "text_encoder", None) or getattr(self.pipe, "text_encoder_2", None)
-        out = self.pipe.encode_prompt(prompt=list(prompts), device=placement(encoder)[0], num_images_per_prompt=1,
-                                      do_classifier_free_guidance=guided,
-                                      negative_prompt=None if negative is None else [negative] * len(prompts))
+        encoder = next(getattr(self.pipe, p) for p in TEXT_ENCODERS if getattr(self.pipe, p, None) is not None)
+        kind = type(self.denoiser).__name__
+        neg = None if negative is None else [negative] * len(prompts)
+        common = dict(device=placement(encoder)[0], num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                      negative_prompt=neg)
+        if kind == "SD3Transformer2DModel":  # (embeds, negative, pooled, negative pooled): pooled_projections
+            out = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, **common)
+            order, extra_name = (0, 1, 2, 3), "pooled_projections"
+        elif kind == "PixArtTransformer2DModel":  # (embeds, mask, negative, negative mask); its own caption cleaning off
+            out = self.pipe.encode_prompt(prompt=list(prompts), clean_caption=False,
+                                          **{**common, "negative_prompt": neg or ""})
+            order, extra_name = (0, 2, 1, 3), "encoder_attention_mask"
+        elif kind == "UNet2DConditionModel":
+            out = self.pipe.encode_prompt(prompt=list(prompts), **common)
+            order, extra_name = (0, 1, 2, 3), None
+        else:
+            raise FlexdiffError(f"prompts for a {type(self.pipe).__name__}: flexdiff's commands encode prompts for "
+                                "Stable Diffusion (1.x, 2.x, XL), PixArt and SD3 pipelines; run this one through "
+                                "diffusers with flexdiff.apply_schedule(pipe, schedule) (README: transformers)")
         out = [o.float().cpu() if torch.is_tensor(o) else o for o in out]  # kept like the noise: float32 on the CPU
+        out = [out[i] if i < len(out) else None for i in order]
         rows = torch.arange(n) % len(prompts)
         embeds, neg = out[0][rows], (out[1][rows] if guided and out[1] is not None else None)
-        added = neg_added = None
-        if self.is_sdxl:
+        added = neg_added = extra = neg_extra = fixed = None
+        if extra_name is not None:
+            extra = {extra_name: out[2][rows]}
+            if guided and out[3] is not None:
+                neg_extra = {extra_name: out[3][rows]}
+            if kind == "PixArtTransformer2DModel":
+                fixed = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        elif self.is_sdxl:
             pooled, neg_pooled = out[2][rows], (out[3][rows] if guided and out[3] is not None else None)
             size = (self.image_size, self.image_size)
             te2 = getattr(self.pipe, "text_encoder_2", None)
@@ -169,9 +200,14 @@ class PipelineParts:
             if guided:
                 neg_added = {"text_embeds": neg_pooled, "time_ids": time_ids}
         return Conditioning(encoder_hidden_states=embeds, negative=neg, guidance_scale=guidance,
-                            added=added, negative_added=neg_added)
+                            added=added, negative_added=neg_added, extra=extra, negative_extra=neg_extra, fixed=fixed)
 
     def prompt_length(self) -> int:
-        """Tokens per prompt (the cross-attention length the MACs are counted on)."""
-        tok = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
-        return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
+        """Tokens per prompt (the text length the MACs are counted on): a UNet's tokenizer length; for a
+        transformer, the length its pipeline's encode_prompt makes (SD3: CLIP's 77 + T5's)."""
+        if isinstance(getattr(self.pipe, "unet", None), torch.nn.Module):
+            tok = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+            return int(getattr(tok, "model_max_length", 77)) if tok is not None else 77
+        if self._prompt_length is None:
+            self._prompt_length = int(self.encode_prompts([""], 1).encoder_hidden_states.shape[1])
+        return self._prompt_length

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from .anatomy import num_branches
-from .conditioning import Conditioning, class_spec
+from .conditioning import Conditioning, class_spec, takes_text
 from .devices import placement, to_model
 from .engine import StepEngine
 from .errors import FlexdiffError
 from .mixture import is_mixture
-from .models import UNet, UNet2DConditionModel
+from .models import UNet
 from .samplers import make_scheduler, num_train_timesteps, set_timesteps
 from .schedule import Schedule
 
@@ -57,6 +57,7 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
         model_in = scale(model_in, t) if scale is not None else model_in
         # full, partial or null: the engine decides. `eps` is what the model predicts (noise, or a flow's velocity)
         eps = unet(model_in.to(dtype), timestep=t.expand(model_in.shape[0]), **kwargs).sample.float()
+        eps = eps[:, :x.shape[1]]  # DiT / PixArt also predict a variance (learned sigma): their pipelines drop it
         if guided:  # classifier-free guidance (Ho & Salimans 2022): eps_u + w (eps_c - eps_u)
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cond.guidance_scale * (eps_c - eps_u)
@@ -80,8 +81,9 @@ def sample(
     The hooks are attached for the call and removed afterwards, so `unet` is unchanged.
     """
     first = unet.experts[0] if is_mixture(unet) else unet  # a mixture: its experts' class
-    if isinstance(first, UNet2DConditionModel) and cond is None:
-        raise FlexdiffError("this is a conditional UNet: pass conditioning (encoder_hidden_states)")
+    if takes_text(first) and cond is None:
+        raise FlexdiffError(f"this {type(first).__name__} is conditioned on text: pass conditioning "
+                            "(encoder_hidden_states)")
     cond = cond if cond is not None else null_conditioning(unet)
     schedule.check_fits(num_branches(unet), num_train_timesteps=num_train_timesteps(scheduler_config))
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
