@@ -24,3 +24,15 @@ def test_gpu_check_reads_the_readme_table_it_compares_with():
 
     rows = gpu_check.readme_cbfd()
     assert "teacher DDIM-100" in rows and rows["teacher DDIM-100"][1] > 0
+
+
+def test_transformer_cost_runs_in_tiny_mode(tmp_path):
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "transformer_cost.py"), "--out", str(tmp_path),
+                        "--tiny", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "transformer_cost.json").read_text())
+    for row in data["costs"]:
+        assert row["partial"] and all(0 < p["macs"] < row["full"] for p in row["partial"])
+    assert "FluxTransformer2DModel" in (tmp_path / "transformer_cost.md").read_text()

@@ -1,5 +1,6 @@
-"""Transformer pipelines and bare transformer folders from the command line: DiT (labels), PixArt-alpha and SD3
-(prompts through the pipeline's own encode_prompt, guidance in one batched call), a flow-matching transformer
+"""Transformer pipelines and bare transformer folders from the command line: DiT (labels), PixArt-alpha, SD3 and
+FLUX (prompts through the pipeline's own encode_prompt, guidance in one batched call; FLUX's packed latents, its
+resolution-dependent shift and true CFG), a flow-matching transformer
 folder with label tokens (the default transformer's layout). Sampling and searching run; flexdiff's loop
 reproduces the pipeline's own; bad input is one line, exit 2, nothing written."""
 
@@ -13,7 +14,7 @@ from test_cli import assert_user_error, run  # noqa: E402
 from tiny_transformers import PIPELINES
 
 CONDITION = {"dit": ("--labels", "3,5", "--sampler", "ddim"), "pixart": ("--prompt", "a cat", "--sampler", "ddim"),
-             "sd3": ("--prompt", "a cat")}
+             "sd3": ("--prompt", "a cat"), "flux": ("--prompt", "a cat")}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,27 @@ def test_our_loop_reproduces_the_pipeline(folders, kind):
     ref = pipe(prompt=prompts, negative_prompt=["blurry"] * n, num_inference_steps=steps, guidance_scale=g,
                latents=noise.clone(), output_type="latent", height=16, width=16, **extra).images
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def test_our_loop_reproduces_flux_with_its_packing_shift_and_true_cfg(folders):
+    from diffusers import DiffusionPipeline
+
+    from flexdiff.anatomy import call_anatomy, noise_shape
+    from flexdiff.models import load_model
+    from flexdiff.sampling import initial_noise, sample
+
+    loaded = load_model(folders["flux"])
+    assert noise_shape(loaded.unet) == (4, 128, 128)  # FluxPipeline's default size: 128 x 128 latents
+    cond = loaded.parts.encode_prompts(["a cat", "a dog"], 2, negative="blurry", guidance=2.0)
+    noise = initial_noise(2, noise_shape(loaded.unet), 0)
+    ours = sample(loaded.unet, loaded.scheduler_config, Schedule.full("flow-euler", 3), noise, cond=cond).images
+    pipe = DiffusionPipeline.from_pretrained(folders["flux"], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = call_anatomy(loaded.unet)
+    ref = pipe(["a cat", "a dog"], negative_prompt=["blurry"] * 2, true_cfg_scale=2.0, guidance_scale=1.0,
+               num_inference_steps=3, latents=call.call_inputs(noise, torch.zeros(2))["hidden_states"],
+               output_type="latent", height=256, width=256).images
+    assert torch.allclose(ours, call.call_output(ref, noise), atol=1e-4)
 
 
 def test_sample_and_search_a_flow_transformer_with_label_tokens(folders, tmp_path):

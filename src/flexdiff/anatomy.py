@@ -70,6 +70,22 @@ class UNetAnatomy:
         """The timestep a UNet is called at: its second positional argument or `timestep`."""
         return args[1] if len(args) > 1 else kwargs["timestep"]
 
+    @staticmethod
+    def call_inputs(x: torch.Tensor, t: torch.Tensor) -> dict:
+        """The image and timestep inputs of one call on x (N, C, H, W) at timestep t."""
+        return {"sample": x, "timestep": t}
+
+    @staticmethod
+    def call_output(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out
+
+    @staticmethod
+    def image_tokens(shape: tuple[int, ...]) -> int:
+        return shape[-2] * shape[-1]
+
+    def latent_channels(self) -> int:
+        return int(self.model.config.in_channels)
+
     def example_inputs(self, context_len: int = 77) -> dict:
         """Keyword inputs of one call on one image (on the CPU, float32): what MACs are counted on."""
         cfg = self.model.config
@@ -151,6 +167,19 @@ def unet_anatomy(unet: torch.nn.Module) -> UNetAnatomy:
         units += bu
         blocks.append(Unit(f"up_blocks.{j}", [block], min(u.depth for u in bu)))
     return UNetAnatomy(model=unet, units=units, blocks=blocks, num_branches=num_branches)
+
+
+def call_anatomy(model: torch.nn.Module) -> Anatomy:
+    """The anatomy whose call convention a sampling loop follows (a mixture: its first expert's, all alike)."""
+    return anatomy(experts_of(model)[0])
+
+
+def noise_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the latents (or pixels) the denoiser samples: its channels and sample size (FLUX, which has no
+    sample size in its config: the one its pipeline uses, `flexdiff_latent_size`, 1,024 px by default)."""
+    first = experts_of(model)[0]
+    size = getattr(first.config, "sample_size", None) or getattr(first, "flexdiff_latent_size", 128)
+    return (call_anatomy(first).latent_channels(), int(size), int(size))
 
 
 def num_branches(unet: torch.nn.Module) -> int:

@@ -74,6 +74,11 @@ def takes_text(model) -> bool:
     return type(model).__name__ in TEXT_DENOISERS and getattr(model, "flexdiff_label_tokens", None) is None
 
 
+def embeds_guidance(model) -> bool:
+    """Is guidance a model input (FLUX.1-dev's guidance embedding) rather than a second, unconditional branch?"""
+    return bool(getattr(model.config, "guidance_embeds", False))
+
+
 @dataclass
 class Conditioning:
     """What a conditional UNet is conditioned on, with classifier-free guidance (Ho & Salimans 2022).

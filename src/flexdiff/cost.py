@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .anatomy import anatomy
+from .conditioning import embeds_guidance
 from .devices import placement, synchronize, timing_tag, to_model
 from .engine import StepEngine
 from .mixture import expert_for_step, is_mixture
@@ -157,7 +158,8 @@ def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: 
         full = _count(lambda: unet(**kwargs))
         parts = tuple(_count(lambda: unet(**kwargs)) for _ in range(branches))
     side = 0.0 if controlnet is None else _controlnet_macs(controlnet, kwargs)
-    return StepCosts(full=full, partial=parts, guidance_factor=2 if guidance else 1, side=side)
+    doubled = guidance and not embeds_guidance(unet)  # FLUX.1-dev: guidance is an input, one call per step
+    return StepCosts(full=full, partial=parts, guidance_factor=2 if doubled else 1, side=side)
 
 
 def _controlnet_macs(controlnet, kwargs) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import Conditioning
+from .conditioning import Conditioning, embeds_guidance
 from .devices import placement
 from .errors import FlexdiffError, first_line
 from .io import read_json_object
@@ -82,6 +82,8 @@ class PipelineParts:
             m = getattr(pipe, part, None)
             if isinstance(m, torch.nn.Module):
                 m.eval().requires_grad_(False)
+        if getattr(unet.config, "sample_size", None) is None and getattr(pipe, "default_sample_size", None):
+            unet.flexdiff_latent_size = int(pipe.default_sample_size)  # FLUX: the latents its pipeline makes
         return cls(pipe)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "PipelineParts":
@@ -113,7 +115,9 @@ class PipelineParts:
     @property
     def image_size(self) -> int:
         """Side of the decoded image in pixels."""
-        return int(self.denoiser.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
+        d = self.denoiser
+        size = getattr(d.config, "sample_size", None) or getattr(d, "flexdiff_latent_size", 128)
+        return int(size) * int(getattr(self.pipe, "vae_scale_factor", 1) or 1)
 
     # ---- latents -> images
     @torch.no_grad()
@@ -171,12 +175,14 @@ class PipelineParts:
             out = self.pipe.encode_prompt(prompt=list(prompts), clean_caption=False,
                                           **{**common, "negative_prompt": neg or ""})
             order, extra_name = (0, 2, 1, 3), "encoder_attention_mask"
+        elif kind == "FluxTransformer2DModel":
+            return self._flux_conditioning(list(prompts), n, negative, guidance, common["device"])
         elif kind == "UNet2DConditionModel":
             out = self.pipe.encode_prompt(prompt=list(prompts), **common)
             order, extra_name = (0, 1, 2, 3), None
         else:
             raise FlexdiffError(f"prompts for a {type(self.pipe).__name__}: flexdiff's commands encode prompts for "
-                                "Stable Diffusion (1.x, 2.x, XL), PixArt and SD3 pipelines; run this one through "
+                                "Stable Diffusion (1.x, 2.x, XL), PixArt, SD3 and FLUX pipelines; run this one through "
                                 "diffusers with flexdiff.apply_schedule(pipe, schedule) (README: transformers)")
         out = [o.float().cpu() if torch.is_tensor(o) else o for o in out]  # kept like the noise: float32 on the CPU
         out = [out[i] if i < len(out) else None for i in order]
@@ -201,6 +207,28 @@ class PipelineParts:
                 neg_added = {"text_embeds": neg_pooled, "time_ids": time_ids}
         return Conditioning(encoder_hidden_states=embeds, negative=neg, guidance_scale=guidance,
                             added=added, negative_added=neg_added, extra=extra, negative_extra=neg_extra, fixed=fixed)
+
+    def _flux_conditioning(self, prompts: list[str], n: int, negative: str | None, guidance: float, device):
+        """FLUX: T5 states, CLIP's pooled projection and the text positions from its own encode_prompt. FLUX.1-dev
+        takes guidance as an input (its guidance embedding: one call per step); a FLUX without it (schnell) gets
+        true classifier-free guidance against `negative` (default the empty prompt), as FluxPipeline's true_cfg."""
+        def enc(texts):
+            embeds, pooled, ids = self.pipe.encode_prompt(prompt=texts, prompt_2=None, device=device,
+                                                          num_images_per_prompt=1)
+            return embeds.float().cpu(), pooled.float().cpu(), ids.float().cpu()
+
+        rows = torch.arange(n) % len(prompts)
+        embeds, pooled, ids = enc(prompts)
+        extra = {"pooled_projections": pooled[rows]}
+        if embeds_guidance(self.denoiser):
+            extra["guidance"] = torch.full((n,), float(guidance))
+            return Conditioning(encoder_hidden_states=embeds[rows], extra=extra, fixed={"txt_ids": ids})
+        neg = neg_extra = None
+        if guidance != 1.0:
+            neg_embeds, neg_pooled, _ = enc([negative or ""] * len(prompts))
+            neg, neg_extra = neg_embeds[rows], {"pooled_projections": neg_pooled[rows]}
+        return Conditioning(encoder_hidden_states=embeds[rows], negative=neg, guidance_scale=guidance, extra=extra,
+                            negative_extra=neg_extra, fixed={"txt_ids": ids})
 
     def prompt_length(self) -> int:
         """Tokens per prompt (the text length the MACs are counted on): a UNet's tokenizer length; for a

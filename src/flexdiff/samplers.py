@@ -121,12 +121,30 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     return SCHEDULER_CLASSES[sampler].from_config(cfg, **options)
 
 
-def set_timesteps(scheduler, schedule: "Schedule") -> None:
-    """Give `scheduler` the schedule's steps: its own spacing, or the schedule's explicit timesteps."""
+def flux_shift(image_tokens: int, config) -> float:
+    """FLUX's resolution-dependent time shift mu: linear in the image's token count, from base_shift at
+    base_image_seq_len to max_shift at max_image_seq_len (as FluxPipeline computes it)."""
+    base_n, max_n = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return base + (top - base) * (image_tokens - base_n) / (max_n - base_n)
+
+
+def set_timesteps(scheduler, schedule: "Schedule", image_tokens: int | None = None) -> None:
+    """Give `scheduler` the schedule's steps: its own spacing, or the schedule's explicit timesteps.
+
+    A scheduler with dynamic shifting (FLUX) needs the image's token count: its sigmas are FluxPipeline's,
+    linspace(1, 1/n, n), shifted by `flux_shift` of that count."""
     if getattr(scheduler.config, "use_dynamic_shifting", False):
-        raise FlexdiffError(f"{type(scheduler).__name__} with use_dynamic_shifting (FLUX) needs the image's sequence "
-                            "length to place its timesteps: sample it through its diffusers pipeline with "
-                            "flexdiff.apply_schedule(pipe, schedule) (README: transformers)")
+        if image_tokens is None:
+            raise FlexdiffError(f"{type(scheduler).__name__} with use_dynamic_shifting (FLUX) needs the image's token "
+                                "count to place its timesteps")
+        if schedule.timesteps is not None:
+            raise FlexdiffError(f"schedule {schedule.name}: explicit timesteps on a dynamically shifted (FLUX) "
+                                "scheduler are not supported; use the sampler's own spacing")
+        n = schedule.num_steps
+        sigmas = [1.0 - i * (1.0 - 1.0 / n) / max(1, n - 1) for i in range(n)]
+        scheduler.set_timesteps(sigmas=sigmas, mu=flux_shift(image_tokens, scheduler.config))
+        return
     if schedule.timesteps is None:
         scheduler.set_timesteps(schedule.num_steps)
     else:

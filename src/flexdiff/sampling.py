@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .anatomy import num_branches
+from .anatomy import call_anatomy, num_branches
 from .conditioning import Conditioning, class_spec, takes_text
 from .devices import placement, to_model
 from .engine import StepEngine
@@ -52,11 +52,14 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
     kwargs = cond.model_kwargs(x.shape[0]) if cond is not None else {}
     kwargs = to_model(kwargs, device, dtype)
     guided = cond is not None and cond.guided
+    call = call_anatomy(unet)  # how the model takes the latents and the timestep (FLUX: packed, t / 1000)
     for t in scheduler.timesteps:
         model_in = torch.cat([x, x]) if guided else x
         model_in = scale(model_in, t) if scale is not None else model_in
+        # the timestep stays as the scheduler has it (float32 or int64): the engine places each call by it
+        inputs = call.call_inputs(model_in.to(dtype), t.expand(model_in.shape[0]).to(device))
         # full, partial or null: the engine decides. `eps` is what the model predicts (noise, or a flow's velocity)
-        eps = unet(model_in.to(dtype), timestep=t.expand(model_in.shape[0]), **kwargs).sample.float()
+        eps = call.call_output(unet(**inputs, **kwargs).sample.float(), model_in)
         eps = eps[:, :x.shape[1]]  # DiT / PixArt also predict a variance (learned sigma): their pipelines drop it
         if guided:  # classifier-free guidance (Ho & Salimans 2022): eps_u + w (eps_c - eps_u)
             eps_u, eps_c = eps.chunk(2)
@@ -87,7 +90,8 @@ def sample(
     cond = cond if cond is not None else null_conditioning(unet)
     schedule.check_fits(num_branches(unet), num_train_timesteps=num_train_timesteps(scheduler_config))
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
-    set_timesteps(scheduler, schedule)
+    tokens = call_anatomy(unet).image_tokens(tuple(noise.shape[1:]))
+    set_timesteps(scheduler, schedule, tokens)
     if len(scheduler.timesteps) != schedule.num_steps:
         raise FlexdiffError(
             f"{schedule.sampler} made {len(scheduler.timesteps)} timesteps for a {schedule.num_steps}-step schedule"
@@ -98,7 +102,7 @@ def sample(
     with StepEngine(unet, schedule, scheduler) as engine:
         for start in range(0, len(noise), batch_size):
             chunk = noise[start:start + batch_size]
-            set_timesteps(scheduler, schedule)  # also resets the multistep solver's history
+            set_timesteps(scheduler, schedule, tokens)  # also resets the multistep solver's history
             part = cond.rows(start, start + len(chunk)) if cond is not None else None
             outs.append(_sample_batch(unet, scheduler, engine, chunk, part))
             if task is not None:

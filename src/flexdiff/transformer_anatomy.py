@@ -73,7 +73,6 @@ class TransformerAnatomy:
     blocks: list[torch.nn.Module]
     branches: tuple[tuple[int, int], ...]
     timestep_scale: float = 1.0
-    latent_size: int = 128  # FLUX only (no sample size in its config): latents the costs are counted at
     _timestep_index: int = field(default=0, repr=False)
 
     @property
@@ -101,16 +100,51 @@ class TransformerAnatomy:
         t = kwargs["timestep"] if "timestep" in kwargs else args[self._timestep_index]
         return t * self.timestep_scale if self.timestep_scale != 1.0 else t
 
+    @property
+    def packs_latents(self) -> bool:
+        return type(self.model).__name__ == "FluxTransformer2DModel"
+
+    def call_inputs(self, x: torch.Tensor, t: torch.Tensor) -> dict:
+        """The image and timestep inputs of one call on latents x (N, C, H, W) at scheduler timestep t, as the
+        model's pipeline makes them: FLUX packs 2 x 2 patches into tokens, gives their grid positions and t / 1000."""
+        if not self.packs_latents:
+            return {"hidden_states": x, "timestep": t}
+        n, c, h, w = x.shape
+        packed = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+        ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+        ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        return {"hidden_states": packed, "timestep": t / self.timestep_scale, "img_ids": ids.reshape(-1, 3)}
+
+    def call_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's prediction in the latents' layout (FLUX: its tokens unpacked to (N, C, H, W))."""
+        if not self.packs_latents:
+            return out
+        n, c, h, w = x.shape
+        return out.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+    def image_tokens(self, shape: tuple[int, ...]) -> int:
+        """Image tokens of latents of `shape` (C, H, W): what FLUX's resolution-dependent shift is computed from."""
+        p = 2 if self.packs_latents else int(getattr(self.model.config, "patch_size", 1) or 1)
+        return (shape[-2] // p) * (shape[-1] // p)
+
+    def latent_channels(self) -> int:
+        """Channels of the latents the model denoises (FLUX's in_channels count 2 x 2 packed patches)."""
+        c = int(self.model.config.in_channels)
+        return c // 4 if self.packs_latents else c
+
     def example_inputs(self, context_len: int = 77) -> dict:
         """Keyword inputs of one call on one image (CPU, float32), at the model's sequence length: what MACs are
         counted on. Text tokens: `context_len` (1 for a model given its labels as tokens). FLUX has no sample size
-        in its config: 1,024-pixel images (128 x 128 latents, 4,096 image tokens) unless `latent_size` is set."""
+        in its config: 1,024-pixel images (128 x 128 latents, 4,096 image tokens) unless the model carries
+        `flexdiff_latent_size`."""
         cfg, name, z = self.model.config, type(self.model).__name__, torch.zeros
         t = torch.tensor([500.0 / self.timestep_scale])
         tokens = getattr(self.model, "flexdiff_label_tokens", None)
         L = 1 if tokens is not None else context_len
         if name == "FluxTransformer2DModel":
-            n = (self.latent_size // 2) ** 2  # 2 x 2 patches packed into tokens by the pipeline
+            side = int(getattr(self.model, "flexdiff_latent_size", 128))  # FLUX: no sample size in its config
+            n = (side // 2) ** 2  # 2 x 2 patches packed into tokens by the pipeline
             kw = {"hidden_states": z(1, n, cfg.in_channels), "encoder_hidden_states": z(1, L, cfg.joint_attention_dim),
                   "pooled_projections": z(1, cfg.pooled_projection_dim), "timestep": t,
                   "img_ids": z(n, 3), "txt_ids": z(L, 3)}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..anatomy import noise_shape
 from ..cost import measure_step_costs, timing_machine
 from ..devices import placement
 from ..fingerprints import conditioning_tag, weights_fingerprint
@@ -202,8 +203,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             seen.add(key)
             unique.append(m)
     methods = unique
-    c = model.unet.config
-    noise = initial_noise(cfg.samples, (c.in_channels, c.sample_size, c.sample_size), cfg.seed)
+    noise = initial_noise(cfg.samples, noise_shape(model.unet), cfg.seed)
     cond = model_conditioning(model, cfg.samples, cfg.labels, cfg.prompts, cfg.negative_prompt, cfg.guidance)
 
     task = progress.add_task("bench", total=len(methods)) if progress else None

@@ -60,6 +60,7 @@ def sample_cmd(
     dtype: str = DtypeOpt,
 ):
     """Draw samples with a schedule (or a plain sampler) and write a PNG grid."""
+    from ..anatomy import noise_shape
     from ..cost import measure_step_costs
     from ..grids import save_grid
     from ..models import load_model
@@ -76,8 +77,7 @@ def sample_cmd(
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
     conditioning = conditioning_from_options(loaded, cond, labels, guidance, n,
                                              prompts_from_options(prompt, prompts), negative_prompt)
-    c = loaded.unet.config
-    noise = initial_noise(n, (c.in_channels, c.sample_size, c.sample_size), seed)
+    noise = initial_noise(n, noise_shape(loaded.unet), seed)
     with progress_bar() as progress:
         result = sample(loaded.unet, loaded.scheduler_config, sched, noise, cond=conditioning,
                         progress=progress, description=f"sampling {sched.describe()}")
@@ -122,6 +122,7 @@ def evaluate(
 ):
     """Measure quality: against the teacher on the same noise (PSNR, SSIM, distance: any model), and FID/KID
     against real data (the digits, or --real-data)."""
+    from ..anatomy import noise_shape
     from ..io import write_json
     from ..metrics import meter_for
     from ..metrics.paired import PixelMeter, paired_report
@@ -135,10 +136,9 @@ def evaluate(
     check_output_file(out, "--out")
     loaded = load_model(model, device=placed[0], dtype=placed[1])
     sched = resolve_schedule(schedule, sampler, steps, deepcache, branch, loaded)
-    c = loaded.unet.config
     meter = meter_for(loaded, inception_weights, real_data)
     teacher = Schedule.teacher(loaded.scheduler_config, teacher_steps)
-    noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
+    noise = initial_noise(samples, noise_shape(loaded.unet), seed)
     texts = prompts_from_options(prompt, prompts)
     conditioning = conditioning_from_options(loaded, None, labels, guidance, samples, texts, negative_prompt)
     clip = None

@@ -118,8 +118,9 @@ class QualityMeter:
     @classmethod
     def for_loaded(cls, model, inception_weights: Path | None = None, real_data: Path | None = None) -> "QualityMeter":
         """`for_model` with the image shape read from a loaded model's config."""
-        c = model.unet.config
-        return cls.for_model((c.in_channels, c.sample_size, c.sample_size), inception_weights, real_data)
+        from ..anatomy import noise_shape
+
+        return cls.for_model(noise_shape(model.unet), inception_weights, real_data)
 
     def features(self, images: torch.Tensor) -> np.ndarray:
         return self.featurize(images)

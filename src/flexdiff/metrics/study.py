@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..anatomy import noise_shape
 from ..io import save_figure, write_json, write_text
 from . import QualityMeter
 from .fid import Estimate
@@ -72,8 +73,7 @@ def run_study(model, meter: QualityMeter, out_dir: Path, samples: int = 1000, ma
     levels += [Level("noise", f"noise σ={s:g}", s, measure(meter.features(add_noise(test, s)))) for s in NOISE_LEVELS]
     levels += [Level("blur", f"blur σ={s:g}", s, measure(meter.features(gaussian_blur(test, s)))) for s in BLUR_LEVELS]
 
-    c = model.unet.config
-    noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
+    noise = initial_noise(samples, noise_shape(model.unet), seed)
     feats = {}
     for steps in DDIM_STEPS:
         images = sample(model.unet, model.scheduler_config, Schedule.teacher(model.scheduler_config, steps), noise,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..anatomy import noise_shape
 from ..errors import FlexdiffError
 from ..fingerprints import conditioning_tag
 from ..io import load_cache, save_safetensors
@@ -50,8 +51,7 @@ class Fitness:
         self._args = dict(teacher=teacher, metric=metric, samples=samples, seed=seed, workdir=workdir,
                           batch_size=batch_size, labels=tuple(labels), guidance=guidance, prompts=tuple(prompts),
                           negative_prompt=negative_prompt)
-        c = model.unet.config
-        self.noise = initial_noise(samples, (c.in_channels, c.sample_size, c.sample_size), seed)
+        self.noise = initial_noise(samples, noise_shape(model.unet), seed)
         self.cond = model_conditioning(model, samples, tuple(labels), tuple(prompts), negative_prompt, guidance)
         # the teacher's images depend on the labels, prompts and guidance: all in the cache's name
         tag = conditioning_tag(tuple(labels), guidance, tuple(prompts), negative_prompt)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..anatomy import noise_shape
 from ..cost import measure_step_costs
 from ..errors import FlexdiffError
 from ..io import read_json, save_figure, write_json, write_text
@@ -78,8 +79,7 @@ def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidat
     teacher_macs = costs.schedule_macs(teacher)
     schedules = schedules or spread_candidates(space, costs, teacher_macs, candidates, seed)
     proxy = Fitness(model, meter, teacher, "rfid", eval_samples, seed + 10_000, out_dir, progress=progress)
-    c = model.unet.config
-    big_noise = initial_noise(fid_samples, (c.in_channels, c.sample_size, c.sample_size), seed)
+    big_noise = initial_noise(fid_samples, noise_shape(model.unet), seed)
     task = progress.add_task("proxy study", total=len(schedules)) if progress else None
     rows = []
     for s in schedules:
