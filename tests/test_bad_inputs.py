@@ -49,7 +49,7 @@ CASES += [
     (["sample", "--model", "{config_list}", "--out", "{out}/g.png"], "must be a JSON object"),
     (["sample", "--model", "{bad_scheduler}", "--out", "{out}/g.png"], "beta_schedule is 'wobbly'"),
     (["sample", "--model", "{bad_timesteps_cfg}", "--out", "{out}/g.png"], "num_train_timesteps is 'many'"),
-    (["sample", "--model", "{pipeline_without_unet}", "--out", "{out}/g.png"], "without a unet/ subfolder"),
+    (["sample", "--model", "{pipeline_without_unet}", "--out", "{out}/g.png"], "without a unet/ or transformer/ subfolder"),
     (["sample", "--model", "{file}", "--out", "{out}/g.png"], "got a file"),
     # schedules: named by file, checked against the model before any sampling
     (["sample", "--model", "{model}", "--schedule", "{latin1_schedule}", "--out", "{out}/g.png"], "not UTF-8"),

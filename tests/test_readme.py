@@ -25,6 +25,7 @@ def test_the_readme_has_the_snippets_this_test_runs():
     assert len(names) >= 3
     assert any("StableDiffusionPipeline" in s for s in names)
     assert any("ElasticUNet" in s for s in names)
+    assert any("StableDiffusion3Pipeline" in s for s in names)
 
 
 @pytest.fixture
@@ -36,6 +37,12 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "runs" / "sd-search").mkdir(parents=True)
     searched.save(tmp_path / "runs" / "sd-search" / "best.json")
     shutil.copytree(default_mixture_dir(), tmp_path / "runs" / "experts" / "budget-0.5" / "mixture")
+    import tiny_transformers
+
+    tiny_transformers.sd3_pipeline(tmp_path / "sd3-tokenizer").save_pretrained(tmp_path / "stable-diffusion-3-medium")
+    (tmp_path / "runs" / "sd3-search").mkdir(parents=True)
+    Schedule("flow-dpmsolver++", (FULL, partial(0), NULL, FULL, partial(2), NULL),
+             name="searched").save(tmp_path / "runs" / "sd3-search" / "best.json")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -48,7 +55,7 @@ def _tiny_sd(folder: Path):
     return pipe
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_readme_snippet_runs(workdir, index):
     snippets = _snippets()
     if index >= len(snippets):

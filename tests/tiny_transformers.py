@@ -115,6 +115,10 @@ def sd3_pipeline(folder):
     tok, _, _, clip_proj, _ = _text_parts(folder)
     torch.manual_seed(4)
     clip_proj_2 = type(clip_proj)(clip_proj.config).eval()
+    from transformers import T5Config, T5EncoderModel
+
+    t5 = T5EncoderModel(T5Config(vocab_size=clip_proj.config.vocab_size, d_model=2 * TEXT_DIM, d_kv=8, d_ff=32,
+                                 num_layers=1, num_heads=2)).eval()  # SD3's third encoder, as wide as the joint dim
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * TEXT_DIM,
@@ -124,7 +128,7 @@ def sd3_pipeline(folder):
     vae.register_to_config(shift_factor=0.0)  # SD3's VAE has one; img2img reads it
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=clip_proj, tokenizer=tok, text_encoder_2=clip_proj_2,
-                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+                                    tokenizer_2=tok, text_encoder_3=t5, tokenizer_3=tok)
 
 
 def flux_pipeline(folder):
