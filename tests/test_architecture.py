@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flexdiff"
-CORE = ("errors", "io", "fingerprints", "parallel", "conditioning", "pipelines", "schedule", "samplers", "mixture", "anatomy", "runs", "engine", "models", "cost", "devices",
+CORE = ("errors", "io", "fingerprints", "parallel", "conditioning", "pipelines", "schedule", "samplers", "mixture", "anatomy", "transformer_anatomy", "runs", "engine", "models", "cost", "devices",
         "sampling")
 UPPER = ("search", "experts", "bench", "cli")
 
@@ -84,3 +84,19 @@ def test_the_core_imports_nothing_above_it(core):
 def test_no_file_is_a_warehouse():
     sizes = {str(p.relative_to(SRC)): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
     assert not {k: v for k, v in sizes.items() if v > 360}, sizes
+
+
+@pytest.mark.parametrize("module", ["engine.py", "runs.py", "cost.py", "sampling.py", "search/space.py",
+                                    "search/evolution.py", "search/fitness.py", "search/wiring.py"])
+def test_the_engine_cost_sampling_and_search_do_not_branch_on_the_model_class(module):
+    """One engine for both families: what differs between a UNet and a transformer is asked of the anatomy
+    (or, for what a model is conditioned on, of conditioning.py), never decided here by the model's class."""
+    code = "\n".join(line for line in (SRC / module).read_text().splitlines()
+                     if not line.lstrip().startswith(("#", '"', "raise", "A ", "f\"")))
+    for name in ("UNet2DModel", "UNet2DConditionModel", "Transformer2DModel", "type(unet", "type(model",
+                 "type(first", "type(denoiser"):
+        assert name not in code, (module, name)
+
+
+def test_samplers_does_not_import_schedule():
+    assert "schedule" not in _imports(SRC / "samplers.py")

@@ -9,7 +9,7 @@ user's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from diffusers import (
     DDIMScheduler,
@@ -21,8 +21,18 @@ from diffusers import (
 
 from .errors import FlexdiffError
 
-if TYPE_CHECKING:  # schedule.py imports SAMPLERS from here
-    from .schedule import Schedule
+
+class StepPlan(Protocol):
+    """What this module reads of a schedule (schedule.py imports from here, never the other way round)."""
+
+    sampler: str
+    name: str
+
+    @property
+    def num_steps(self) -> int: ...
+
+    @property
+    def timesteps(self) -> tuple[int, ...] | None: ...
 
 SAMPLERS = ("ddim", "dpmsolver++", "euler", "unipc", "flow-euler", "flow-dpmsolver++", "flow-unipc")
 # the samplers of a flow-matching model (a FlowMatch* scheduler config: SD3, FLUX, the default transformer)
@@ -129,7 +139,7 @@ def flux_shift(image_tokens: int, config) -> float:
     return base + (top - base) * (image_tokens - base_n) / (max_n - base_n)
 
 
-def set_timesteps(scheduler, schedule: "Schedule", image_tokens: int | None = None) -> None:
+def set_timesteps(scheduler, schedule: StepPlan, image_tokens: int | None = None) -> None:
     """Give `scheduler` the schedule's steps: its own spacing, or the schedule's explicit timesteps.
 
     A scheduler with dynamic shifting (FLUX) needs the image's token count: its sigmas are FluxPipeline's,
@@ -154,7 +164,7 @@ def set_timesteps(scheduler, schedule: "Schedule", image_tokens: int | None = No
 _TIMESTEPS: dict = {}
 
 
-def sampler_timesteps(schedule: "Schedule", scheduler_config: dict) -> list[float]:
+def sampler_timesteps(schedule: StepPlan, scheduler_config: dict) -> list[float]:
     """The timesteps the schedule's sampler visits, one per step (cached: cost counting asks often)."""
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_") and not isinstance(v, list)}
     key = (schedule.sampler, schedule.num_steps, schedule.timesteps, tuple(sorted(cfg.items())))
