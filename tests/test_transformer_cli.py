@@ -27,7 +27,7 @@ def folders(tmp_path_factory):
     for name in CONDITION:
         PIPELINES[name](root / f"{name}-tokenizer").save_pretrained(root / name)
         out[name] = root / name
-    small = build_default_transformer(0, num_layers=4)
+    small = build_default_transformer(0, num_layers=1, num_single_layers=3)
     out["labels"] = save_model(small, FLOW_SCHEDULER_CONFIG, root / "labels", DEFAULT_LABEL_TOKENS)
     return out
 

@@ -71,7 +71,7 @@ class UNetAnatomy:
         return args[1] if len(args) > 1 else kwargs["timestep"]
 
     @staticmethod
-    def call_inputs(x: torch.Tensor, t: torch.Tensor) -> dict:
+    def call_inputs(x: torch.Tensor, t: torch.Tensor, conditioning: dict | None = None) -> dict:
         """The image and timestep inputs of one call on x (N, C, H, W) at timestep t."""
         return {"sample": x, "timestep": t}
 

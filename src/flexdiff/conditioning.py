@@ -20,7 +20,8 @@ class LabelTokens:
     Label k is one token, the one-hot vector e_k of length `classes` (the last index is the null label),
     given both as the text tokens and as the pooled projection: the model's own context embedder and
     pooled-projection layer are then its learned label embedding, and the denoiser stays a stock diffusers
-    class that loads alone. A model folder says so in `label_tokens.json` ({"classes": N}).
+    class that loads alone. A model folder says so in `label_tokens.json` ({"classes": N}, and for a transformer
+    whose config has no sample size, FLUX-shaped, "sample_size": the latents' side).
     """
 
     classes: int
@@ -122,7 +123,8 @@ class Conditioning:
             labels = labels.expand(n) if labels.shape[0] == 1 else labels
             if self.guided:
                 labels = torch.cat([torch.full_like(labels, self.null_label), labels])
-            return self.tokens.kwargs(labels) if self.tokens is not None else {"class_labels": labels}
+            out = self.tokens.kwargs(labels) if self.tokens is not None else {"class_labels": labels}
+            return {**out, **(self.fixed or {})}
         def rows(x):
             return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from .conditioning import LABEL_TOKENS_FILE, LabelTokens, takes_text
 from .errors import FlexdiffError
@@ -38,22 +38,22 @@ DEFAULT_UNET_CONFIG = dict(
     num_class_embeds=DIGIT_CLASSES + 1,
 )
 
-# The default transformer: SD3-shaped (MMDiT joint blocks, flow matching), class-conditional through one-hot
-# label tokens (conditioning.LabelTokens; 10 digits + the null label), 8 blocks of 4 heads x 24.
+# The default transformer: FLUX-shaped (2 dual-stream then 6 single-stream blocks of 4 heads x 24, rotary
+# positions, flow matching), class-conditional through one-hot label tokens (conditioning.LabelTokens; 10 digits +
+# the null label) in place of T5 / CLIP. 16 x 16 x 1 images packed as FLUX packs latents: 8 x 8 tokens of 4.
 DEFAULT_TRANSFORMER_CONFIG = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=1,
-    out_channels=1,
-    num_layers=8,
+    patch_size=1,
+    in_channels=4,
+    num_layers=2,
+    num_single_layers=6,
     attention_head_dim=24,
     num_attention_heads=4,
     joint_attention_dim=DIGIT_CLASSES + 1,
-    caption_projection_dim=96,
     pooled_projection_dim=DIGIT_CLASSES + 1,
-    pos_embed_max_size=8,
-    qk_norm="rms_norm",
+    guidance_embeds=False,
+    axes_dims_rope=(4, 10, 10),
 )
+DEFAULT_TRANSFORMER_SIZE = 16  # FLUX's config has no sample size: label_tokens.json holds it
 DEFAULT_LABEL_TOKENS = LabelTokens(DIGIT_CLASSES + 1)
 
 
@@ -110,11 +110,12 @@ class LoadedModel:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images it makes (decoded, for a latent model)."""
-        c = experts_of(self.unet)[0].config
         if self.is_latent:
             size = self.parts.image_size
             return (int(self.parts.decoder.config.out_channels), size, size)
-        return (int(c.out_channels), int(c.sample_size), int(c.sample_size))
+        from .anatomy import noise_shape
+
+        return noise_shape(self.unet)  # pixels: what it samples
 
     @property
     def cross_attention_len(self) -> int:
@@ -207,6 +208,11 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
     if tokens_file.exists():  # a transformer that takes class labels as one-hot tokens (the default transformer)
         spec = read_json_object(tokens_file, "the label tokens")
         unet.flexdiff_label_tokens = LabelTokens(spec.get("classes"))
+        size = spec.get("sample_size")
+        if size is not None:  # a transformer whose config has no sample size (FLUX-shaped)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
+                raise FlexdiffError(f"{tokens_file}: sample_size is {size!r}; expected an even whole number >= 2")
+            unet.flexdiff_latent_size = size
         if unet.flexdiff_label_tokens.classes != getattr(unet.config, "joint_attention_dim", None):
             raise FlexdiffError(f"{tokens_file}: classes is {unet.flexdiff_label_tokens.classes}; the model's "
                                 f"joint_attention_dim is {getattr(unet.config, 'joint_attention_dim', None)} "
@@ -224,10 +230,13 @@ def build_default_unet(seed: int = 0, **overrides) -> UNet2DModel:
     return UNet2DModel(**{**DEFAULT_UNET_CONFIG, **overrides})
 
 
-def build_default_transformer(seed: int = 0, **overrides) -> SD3Transformer2DModel:
-    """A freshly initialised transformer with the default transformer's architecture (for training)."""
+def build_default_transformer(seed: int = 0, **overrides) -> FluxTransformer2DModel:
+    """A freshly initialised transformer with the default transformer's architecture (for training), carrying
+    its label tokens and image size as a loaded one does."""
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(**{**DEFAULT_TRANSFORMER_CONFIG, **overrides})
+    model = FluxTransformer2DModel(**{**DEFAULT_TRANSFORMER_CONFIG, **overrides})
+    model.flexdiff_label_tokens, model.flexdiff_latent_size = DEFAULT_LABEL_TOKENS, DEFAULT_TRANSFORMER_SIZE
+    return model
 
 
 def save_model(unet, scheduler_config: dict, out_dir: Path, tokens: LabelTokens | None = None) -> Path:
@@ -240,5 +249,6 @@ def save_model(unet, scheduler_config: dict, out_dir: Path, tokens: LabelTokens 
     unet.save_pretrained(out_dir, safe_serialization=True)
     write_json(out_dir / "scheduler_config.json", scheduler_config)
     if tokens is not None:
-        write_json(out_dir / LABEL_TOKENS_FILE, {"classes": tokens.classes})
+        size = getattr(unet, "flexdiff_latent_size", None)
+        write_json(out_dir / LABEL_TOKENS_FILE, {"classes": tokens.classes, **({"sample_size": size} if size else {})})
     return out_dir

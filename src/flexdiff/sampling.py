@@ -57,7 +57,7 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
         model_in = torch.cat([x, x]) if guided else x
         model_in = scale(model_in, t) if scale is not None else model_in
         # the timestep stays as the scheduler has it (float32 or int64): the engine places each call by it
-        inputs = call.call_inputs(model_in.to(dtype), t.expand(model_in.shape[0]).to(device))
+        inputs = call.call_inputs(model_in.to(dtype), t.expand(model_in.shape[0]).to(device), kwargs)
         # full, partial or null: the engine decides. `eps` is what the model predicts (noise, or a flow's velocity)
         eps = call.call_output(unet(**inputs, **kwargs).sample.float(), model_in)
         eps = eps[:, :x.shape[1]]  # DiT / PixArt also predict a variance (learned sigma): their pipelines drop it

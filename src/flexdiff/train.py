@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from .anatomy import call_anatomy
 from .conditioning import LabelTokens
 from .configs import Config
 from .devices import CPU_FLOAT32, autocast, runs_on, training_dtype
@@ -78,9 +79,10 @@ def null_label(unet, tokens: LabelTokens | None = None) -> int | None:
 
 
 def _predict(model, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, tokens: LabelTokens | None):
-    if tokens is not None:
-        return model(xt, timestep=t, **tokens.kwargs(y)).sample
-    return model(xt, t).sample if y is None else model(xt, t, class_labels=y).sample
+    """The model's prediction at xt, called as its anatomy says (FLUX: packed latents, t / 1000)."""
+    kwargs = {} if y is None else tokens.kwargs(y) if tokens is not None else {"class_labels": y}
+    call = call_anatomy(model)
+    return call.call_output(model(**call.call_inputs(xt, t, kwargs), **kwargs).sample, xt)
 
 
 def debiased_ema(ema, init: dict[str, torch.Tensor], decay: float, step: int):
@@ -129,11 +131,9 @@ def train(
     """
     out_dir = Path(out_dir)
     scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
-    if images.ndim != 4 or images.shape[1] != unet.config.in_channels:
-        raise FlexdiffError(
-            f"data has shape {tuple(images.shape)}; the model expects "
-            f"(N, {unet.config.in_channels}, H, W)"
-        )
+    channels = call_anatomy(unet).latent_channels()  # FLUX's in_channels count packed 2 x 2 patches
+    if images.ndim != 4 or images.shape[1] != channels:
+        raise FlexdiffError(f"data has shape {tuple(images.shape)}; the model expects (N, {channels}, H, W)")
     null = null_label(unet, tokens)
     if null is not None:
         if labels is None or labels.shape != (images.shape[0],):

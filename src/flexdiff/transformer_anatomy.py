@@ -104,9 +104,10 @@ class TransformerAnatomy:
     def packs_latents(self) -> bool:
         return type(self.model).__name__ == "FluxTransformer2DModel"
 
-    def call_inputs(self, x: torch.Tensor, t: torch.Tensor) -> dict:
+    def call_inputs(self, x: torch.Tensor, t: torch.Tensor, conditioning: dict | None = None) -> dict:
         """The image and timestep inputs of one call on latents x (N, C, H, W) at scheduler timestep t, as the
-        model's pipeline makes them: FLUX packs 2 x 2 patches into tokens, gives their grid positions and t / 1000."""
+        model's pipeline makes them: FLUX packs 2 x 2 patches into tokens, gives their grid positions, the text
+        tokens' positions (zeros, one per token of `conditioning`'s text states, unless it has its own) and t / 1000."""
         if not self.packs_latents:
             return {"hidden_states": x, "timestep": t}
         n, c, h, w = x.shape
@@ -114,7 +115,11 @@ class TransformerAnatomy:
         ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
         ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
         ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
-        return {"hidden_states": packed, "timestep": t / self.timestep_scale, "img_ids": ids.reshape(-1, 3)}
+        out = {"hidden_states": packed, "timestep": t / self.timestep_scale, "img_ids": ids.reshape(-1, 3)}
+        text = (conditioning or {}).get("encoder_hidden_states")
+        if text is not None and "txt_ids" not in conditioning:
+            out["txt_ids"] = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)
+        return out
 
     def call_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The model's prediction in the latents' layout (FLUX: its tokens unpacked to (N, C, H, W))."""
