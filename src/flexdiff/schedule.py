@@ -236,6 +236,17 @@ class Schedule:
         return cls(sampler, steps, name or f"deepcache-{sampler}{num_steps}-N{interval}-b{branch}")
 
     @classmethod
+    def delta_dit(cls, sampler: str, num_steps: int, interval: int, early: int, late: int, name: str = "") -> "Schedule":
+        """Δ-DiT-style (Chen et al. 2024): a full step every `interval` steps; partial steps at branch `early` in
+        the first half of the run (Δ-DiT keeps the front blocks while the outline forms) and `late` after it
+        (the rear blocks, for the details)."""
+        if interval < 1:
+            raise FlexdiffError(f"Δ-DiT interval must be >= 1 (got {interval})")
+        steps = tuple(FULL if i % interval == 0 else partial(early if i < num_steps / 2 else late)
+                      for i in range(num_steps))
+        return cls(sampler, steps, name or f"delta-dit-{sampler}{num_steps}-N{interval}-b{early}-{late}")
+
+    @classmethod
     def deepcache_nonuniform(cls, sampler: str, num_steps: int, interval: int, branch: int,
                              center: float = 0.5, power: float = 1.4, name: str = "") -> "Schedule":
         """DeepCache's non-uniform 1:N: as many full steps as 1:N, placed denser around `center`

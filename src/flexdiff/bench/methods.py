@@ -9,15 +9,23 @@ from dataclasses import dataclass
 from ..configs import Config
 from ..errors import FlexdiffError
 from ..experts.config import ExpertsConfig
+from ..samplers import is_flow
 from ..schedule import Schedule
+from .peers import HookPeer
+
+# the solvers of each kind of model: (teacher and base, multistep, UniPC), and their names in the tables
+SOLVERS = {False: ("ddim", "dpmsolver++", "unipc"), True: ("flow-euler", "flow-dpmsolver++", "flow-unipc")}
+LABELS = {"ddim": "DDIM", "dpmsolver++": "DPM-Solver++", "unipc": "UniPC", "flow-euler": "flow-Euler",
+          "flow-dpmsolver++": "flow-DPM-Solver++", "flow-unipc": "flow-UniPC"}
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     family: str
-    schedule: Schedule
+    schedule: Schedule  # a hook peer: the plain sampler run its hook decides over
     model: str | None = None  # another model folder (a mixture, a pruned UNet); None = the bench's model
+    peer: HookPeer | None = None  # one of diffusers' run-time cache hooks (bench/peers.py)
 
 
 @dataclass(frozen=True)
@@ -56,33 +64,56 @@ class BenchConfig(Config):
     # teacher's MACs (the search's own teacher is the mixture's DDIM run)
     composed_speedups: tuple[float, ...] = ()
     expert_settings: tuple[tuple[str, object], ...] = ()  # ExpertsConfig fields to change, as (name, value)
+    # a transformer: Δ-DiT-style static caches (these intervals over the teacher's run), and diffusers' run-time
+    # cache hooks as peers, (kind, setting) each, over `hook_steps` steps of the model's base sampler
+    delta_dit_intervals: tuple[int, ...] = ()
+    hook_peers: tuple[tuple[str, float], ...] = ()
+    hook_steps: int = 50
 
-    def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = ()) -> list[Method]:
-        t = self.teacher_steps
-        out = [Method(f"teacher DDIM-{t}", "teacher", Schedule.full("ddim", t))]
-        out += [Method(f"DDIM-{s}", "ddim", Schedule.full("ddim", s)) for s in self.ddim_steps]
-        out += [Method(f"DPM-Solver++-{s}", "dpmsolver++", Schedule.full("dpmsolver++", s)) for s in self.dpm_steps]
-        out += [Method(f"UniPC-{s}", "unipc", Schedule.full("unipc", s)) for s in self.unipc_steps]
-        out += [
-            Method(f"DeepCache 1:{n} b{b} (DDIM-{t})", "deepcache", Schedule.deepcache("ddim", t, n, b))
-            for b in self.deepcache_branches for n in self.deepcache_intervals
-        ]
-        out += [
-            Method(f"DeepCache 1:{n} b{b} (DPM-Solver++-{s})", "deepcache", Schedule.deepcache("dpmsolver++", s, n, b))
-            for s in self.deepcache_dpm_steps for b in self.deepcache_branches for n in self.deepcache_intervals
-        ]
-        out += [
-            Method(f"DeepCache non-uniform 1:{n} b0 (DPM-Solver++-{s})", "deepcache-nu",
-                   Schedule.deepcache_nonuniform("dpmsolver++", s, n, 0))
-            for s in self.deepcache_dpm_steps for n in self.deepcache_nonuniform
-        ]
-        out += [
-            Method(f"DeepCache non-uniform 1:{n} b0 (DDIM-{t})", "deepcache-nu", Schedule.deepcache_nonuniform("ddim", t, n, 0))
-            for n in self.deepcache_nonuniform
-        ]
+    def methods(self, extra: tuple[Schedule, ...] = (), searched: tuple[tuple[str, Schedule], ...] = (),
+                scheduler_config: dict | None = None, branches: tuple | None = None) -> list[Method]:
+        """The rows on a model trained with `scheduler_config` (DDPM: DDIM and its peers; flow matching: the flow
+        solvers). `branches`: a transformer's (F, B) per branch (its static caches are then FORA-style and
+        Δ-DiT-style, and diffusers' hooks join); None: a UNet (DeepCache)."""
+        t, flow = self.teacher_steps, is_flow(scheduler_config or {})
+        base, multi, unipc = SOLVERS[flow]
+        lb, lm = LABELS[base], LABELS[multi]
+        cache, family = ("FORA-style", "fora") if branches else ("DeepCache", "deepcache")
+
+        def cut(b):
+            return f"({branches[b][0]},{branches[b][1]})" if branches else f"b{b}"
+
+        out = [Method(f"teacher {lb}-{t}", "teacher", Schedule.full(base, t))]
+        out += [Method(f"{lb}-{s}", base, Schedule.full(base, s)) for s in self.ddim_steps]
+        out += [Method(f"{lm}-{s}", "dpmsolver++", Schedule.full(multi, s)) for s in self.dpm_steps]
+        out += [Method(f"{LABELS[unipc]}-{s}", "unipc", Schedule.full(unipc, s)) for s in self.unipc_steps]
+        out += [Method(f"{cache} 1:{n} {cut(b)} ({lb}-{t})", family, Schedule.deepcache(base, t, n, b))
+                for b in self.deepcache_branches for n in self.deepcache_intervals]
+        out += [Method(f"{cache} 1:{n} {cut(b)} ({lm}-{s})", family, Schedule.deepcache(multi, s, n, b))
+                for s in self.deepcache_dpm_steps for b in self.deepcache_branches for n in self.deepcache_intervals]
+        out += [Method(f"{cache} non-uniform 1:{n} {cut(0)} ({lm}-{s})", f"{family}-nu",
+                       Schedule.deepcache_nonuniform(multi, s, n, 0))
+                for s in self.deepcache_dpm_steps for n in self.deepcache_nonuniform]
+        out += [Method(f"{cache} non-uniform 1:{n} {cut(0)} ({lb}-{t})", f"{family}-nu",
+                       Schedule.deepcache_nonuniform(base, t, n, 0)) for n in self.deepcache_nonuniform]
+        if branches:
+            early, late = _delta_dit_branches(branches)
+            out += [Method(f"Δ-DiT-style 1:{n} {cut(early)}→{cut(late)} ({lb}-{t})", "delta-dit",
+                           Schedule.delta_dit(base, t, n, early, late)) for n in self.delta_dit_intervals]
+            for kind, setting in self.hook_peers:
+                peer = HookPeer(kind, setting, self.hook_steps, base)
+                out.append(Method(peer.name, f"hook-{kind}", peer.base, peer=peer))
         out += [Method(s.name, family, s) for family, s in searched]
         out += [Method(s.name or f"schedule {i}", "schedule", s) for i, s in enumerate(extra)]
         return out
+
+
+def _delta_dit_branches(branches: tuple) -> tuple[int, int]:
+    """Δ-DiT's two cuts among a transformer's branches: early, most front blocks and one rear one; late, the
+    mirror image (the cheapest such pair when several tie)."""
+    early = max(range(len(branches)), key=lambda b: (branches[b][0] - branches[b][1], -b))
+    late = max(range(len(branches)), key=lambda b: (branches[b][1] - branches[b][0], -b))
+    return early, late
 
 
 PRESETS = {
@@ -102,7 +133,39 @@ PRESETS = {
     "search": BenchConfig(samples=2000, ddim_steps=(4, 6, 12, 50), dpm_steps=(4, 6, 12, 20), unipc_steps=(4, 6, 12),
                           deepcache_intervals=(2, 3, 5), deepcache_branches=(0,), deepcache_nonuniform=(),
                           deepcache_dpm_steps=(20, 25), search_budgets=(1 / 8, 1 / 16, 1 / 25)),
+    # the transformer table (`make bench`'s second): on the default transformer, flow solvers at the step counts
+    # the budgets allow, FORA- and Δ-DiT-style static caches, diffusers' five cache hooks at settings near the
+    # budgets, and the searches at 1/4, 1/8 and 1/16 of the teacher's MACs
+    "transformer": BenchConfig(samples=500, ddim_steps=(6, 12, 25, 50), dpm_steps=(6, 12, 25), unipc_steps=(6, 12),
+                               deepcache_intervals=(2, 4), deepcache_branches=(3,), deepcache_nonuniform=(),
+                               delta_dit_intervals=(2, 4),
+                               hook_peers=(("fbc", 0.05), ("fbc", 0.15), ("taylorseer", 2), ("taylorseer", 4),
+                                           ("magcache", 0.06), ("magcache", 0.2), ("pab", 2), ("fastercache", 2)),
+                               hook_steps=50, search_budgets=(1 / 4, 1 / 8, 1 / 16), search_population=12,
+                               search_generations=6, search_eval_samples=128, flexiffusion_metrics=("rfid",)),
 }
+
+
+def parse_hook_peers(text: str, option: str = "--hooks") -> tuple[tuple[str, float], ...]:
+    """'fbc:0.1,taylorseer:3' -> (("fbc", 0.1), ("taylorseer", 3.0)), each checked (kind and range)."""
+    from .peers import check_peer
+
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        kind, _, value = item.partition(":")
+        try:
+            setting = float(value)
+        except ValueError:
+            raise FlexdiffError(f"{option} {text!r}: each item is KIND:SETTING, e.g. fbc:0.1 (kinds: fbc, "
+                                "taylorseer, magcache, pab, fastercache)") from None
+        try:
+            check_peer(kind, setting)
+        except FlexdiffError as e:
+            raise FlexdiffError(f"{option} {item}: {e}") from None
+        out.append((kind, setting))
+    if not out:
+        raise FlexdiffError(f"{option} {text!r}: give one or more KIND:SETTING items, or 'none'")
+    return tuple(out)
 
 
 def config_from_options(preset: str, **overrides) -> BenchConfig:

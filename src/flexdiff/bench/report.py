@@ -24,6 +24,15 @@ FAMILY_STYLE = {  # colour, marker
     "experts+search": ("darkred", "*"),
     "experts-uniform": ("tab:pink", "p"),
     "diff-pruning": ("tab:gray", "8"),
+    "flow-euler": ("tab:blue", "o"),
+    "fora": ("tab:green", "^"),
+    "fora-nu": ("tab:olive", "v"),
+    "delta-dit": ("darkgreen", ">"),
+    "hook-fbc": ("slateblue", "1"),
+    "hook-taylorseer": ("mediumorchid", "2"),
+    "hook-magcache": ("navy", "3"),
+    "hook-pab": ("sienna", "4"),
+    "hook-fastercache": ("darkcyan", "+"),
 }
 
 
@@ -37,7 +46,9 @@ def mixture_comparisons(runs, feats_by_name: dict, meter: QualityMeter) -> list[
 
 
 # the peers a searched schedule must beat: the solvers, DeepCache and the other search
-PEER_FAMILIES = ("ddim", "dpmsolver++", "unipc", "deepcache", "deepcache-nu", "autodiffusion")
+PEER_FAMILIES = ("ddim", "flow-euler", "dpmsolver++", "unipc", "deepcache", "deepcache-nu", "fora", "fora-nu",
+                 "delta-dit", "hook-fbc", "hook-taylorseer", "hook-magcache", "hook-pab", "hook-fastercache",
+                 "autodiffusion")
 
 
 def search_comparisons(runs, feats_by_name: dict, meter: QualityMeter, macs: dict[str, float],
@@ -71,6 +82,20 @@ def _est(d: dict | None, digits: int = 2, scale: float = 1.0) -> str:
 
 
 HEADLINE_LABELS = {"cbfd": "cbFD", "fid": "FID"}
+
+
+def _steps(r: dict) -> str:
+    c = r["counts"]
+    return f"{c['full']} calls, run-time cache" if "macs_per_batch" in r else f"{c['full']}/{c['partial']}/{c['null']}"
+
+
+def _macs(r: dict) -> str:
+    """M MACs per image; a hook peer's: the mean over batches, with the range (it decides per call)."""
+    text = f"{r['macs_per_image'] / 1e6:,.0f}"
+    spread = r.get("macs_per_batch")
+    if spread:
+        text += f" [{min(spread) / 1e6:,.0f}–{max(spread) / 1e6:,.0f}]"
+    return text
 
 
 def _wall_share(row: dict) -> str:
@@ -125,13 +150,20 @@ def markdown_table(result: dict) -> str:
     for r in result["rows"]:
         m, c = r["metrics"], r["counts"]
         lines.append(
-            f"| {r['method']} | {c['full']}/{c['partial']}/{c['null']} | {r['macs_per_image'] / 1e6:,.0f} "
+            f"| {r['method']} | {_steps(r)} | {_macs(r)} "
             f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {_wall_share(r)} | {r['ms_per_image']:.1f} "
             f"| {_est(m[head])} | {_est(m.get(head + '_minus_teacher'))} |"
             + (f" {_est(m.get('class_tv'), 3)} |" if balanced else "")
             + f" {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} "
             f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
         )
+    if any("macs_per_batch" in r for r in result["rows"]):
+        lines += ["", "diffusers' cache hooks decide at run time: their steps are the calls asked for, and their MACs "
+                  "were counted from what ran (torch's FLOP counter), the mean over batches with the range in "
+                  "brackets."]
+    if result.get("skipped"):
+        lines += ["", "Peers that could not run on this model:", ""]
+        lines += [f"- {s['method']}: {s['reason']}" for s in result["skipped"]]
     if result.get("mixture_vs_baselines"):
         lines += ["", "Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
                   f"| mixture | baseline | {label}(mixture) − {label}(baseline) |", "|---|---|---|"]

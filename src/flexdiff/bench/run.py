@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..anatomy import noise_shape
+from ..anatomy import anatomy, noise_shape
 from ..cost import measure_step_costs, timing_machine
 from ..devices import placement
+from ..errors import FlexdiffError
 from ..fingerprints import conditioning_tag, weights_fingerprint
 from ..io import load_cache, save_safetensors, write_json, write_text
 from ..metrics import QualityMeter
@@ -21,6 +22,7 @@ from ..models import LoadedModel
 from ..sampling import initial_noise, model_conditioning, sample
 from ..schedule import Schedule
 from .methods import BenchConfig, Method
+from .peers import PeerRunner
 from .report import markdown_table, mixture_comparisons, plot_bench, save_comparison_grid, search_comparisons
 
 
@@ -39,7 +41,8 @@ def _searches_dir(out_dir: Path, fingerprint: str, cfg: BenchConfig) -> Path:
 
 
 def _method_key(fingerprint: str, method: Method, cfg: BenchConfig) -> str:
-    blob = json.dumps([fingerprint, method.schedule.key(), cfg.samples, cfg.seed, cfg.batch_size]
+    what = method.peer.key() if method.peer is not None else method.schedule.key()
+    blob = json.dumps([fingerprint, what, cfg.samples, cfg.seed, cfg.batch_size]
                       + ([list(cfg.labels), cfg.guidance] if cfg.labels else [])
                       + ([_conditioning_tag(cfg)] if cfg.prompts or cfg.negative_prompt is not None else []),
                       sort_keys=True)
@@ -53,12 +56,15 @@ def run_searches(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qua
     `fingerprint`: the model's weights fingerprint when the caller has it (hashing a large UNet takes seconds)."""
     fingerprint = fingerprint or _model_fingerprint(model)
     from ..anatomy import num_branches
-    from ..samplers import num_train_timesteps
+    from ..samplers import is_flow, num_train_timesteps
     from ..search import SearchConfig, search_from_settings
     from ..search.space import make_space
 
-    def space(kind: str):  # the searches' default spaces, with this model's branches and timesteps
-        return make_space(kind, "dpmsolver++", num_train_timesteps(model.scheduler_config), num_branches(model.unet))
+    multistep = "flow-dpmsolver++" if is_flow(model.scheduler_config) else "dpmsolver++"
+
+    def space(kind: str):  # the searches' default spaces, with this model's branches, solvers and timesteps
+        sampler = "flow-euler" if kind == "stepwise" and multistep.startswith("flow") else multistep
+        return make_space(kind, sampler, num_train_timesteps(model.scheduler_config), num_branches(model.unet))
 
     found, seconds = [], {}
     # one folder per model and conditioning: a bench rerun on another model (or with other labels)
@@ -185,10 +191,12 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     searched, search_seconds = run_searches(model, cfg, out_dir, meter, costs, progress, fingerprint=fp)
     mixtures = mixture_methods(model, cfg, out_dir, progress, fingerprint=fp)
     composed, composed_seconds = composed_methods(model, cfg, out_dir, meter, [m for m in mixtures if m.family == "experts"],
-                                                  costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps)), progress,
-                                                  fingerprint=fp)
+                                                  costs.schedule_macs(Schedule.teacher(model.scheduler_config,
+                                                                                       cfg.teacher_steps)),
+                                                  progress, fingerprint=fp)
     search_seconds.update(composed_seconds)
-    methods = cfg.methods(extra, searched) + mixtures + composed
+    branches = getattr(anatomy(model.unet), "branches", None)  # a transformer's (F, B): FORA / Δ-DiT rows, hooks
+    methods = cfg.methods(extra, searched, model.scheduler_config, branches) + mixtures + composed
     models = {None: (model, costs, fp)}
     unique, seen = [], set()
     for m in methods:
@@ -198,7 +206,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
                                                          cross_attention_len=model.cross_attention_len),
                                _model_fingerprint(other))
         m.schedule.check_fits(len(models[m.model][1].partial))
-        key = (models[m.model][2], m.schedule.key())  # sampler, timesteps and steps: what runs
+        key = (models[m.model][2], m.peer.key() if m.peer else m.schedule.key())  # what runs
         if key not in seen:  # e.g. a baseline that came out the same at two budgets: one row
             seen.add(key)
             unique.append(m)
@@ -207,10 +215,12 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     cond = model_conditioning(model, cfg.samples, cfg.labels, cfg.prompts, cfg.negative_prompt, cfg.guidance)
 
     task = progress.add_task("bench", total=len(methods)) if progress else None
-    runs = []
+    runs, skipped = [], []
     # what each row's wall-clock was measured on: a row timed on another host or thread count is redrawn,
     # so one table's wall-clock column never mixes settings
     timing = torch.tensor(list(timing_machine(device, dtype).encode()), dtype=torch.uint8)
+    counted: dict[str, list[float]] = {}  # a hook peer's MACs per image, batch by batch (counted as they ran)
+    peer_runs = PeerRunner(model, noise, cond, cfg.batch_size, progress)
     for m in methods:
         m_model, _, m_fp = models[m.model]
         path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"
@@ -218,6 +228,18 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
         if (stored is not None and stored.get("images") is not None and "seconds" in stored
                 and torch.equal(stored.get("timing", torch.empty(0, dtype=torch.uint8)), timing)):
             images, seconds, resumed = stored["images"], float(stored["seconds"]), True
+            if m.peer is not None:
+                counted[m.name] = stored["macs"].tolist()
+        elif m.peer is not None:
+            try:
+                r = peer_runs.run(m.peer)
+            except FlexdiffError as e:  # a peer that cannot run on the model is listed with the reason
+                skipped.append(dict(method=m.name, family=m.family, reason=str(e)))
+                continue
+            images, seconds, resumed = model.decode(r.images), r.seconds, False
+            counted[m.name] = r.macs
+            save_safetensors(path, {"images": images, "seconds": torch.tensor(seconds), "timing": timing,
+                                    "macs": torch.tensor(r.macs, dtype=torch.float64)})
         else:
             r = sample(m_model.unet, m_model.scheduler_config, m.schedule, noise, cfg.batch_size,
                        cond=cond, progress=progress, description=m.name)
@@ -241,7 +263,8 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             feats = teacher_feats if m.family == "teacher" else meter.features(images)
             feats_by_name[m.name] = feats
             metrics = meter.report(feats, None if m.family == "teacher" else teacher_feats)
-        macs = models[m.model][1].schedule_macs(m.schedule)
+        macs = (sum(counted[m.name]) / len(counted[m.name]) if m.peer is not None
+                else models[m.model][1].schedule_macs(m.schedule))
         rows.append(dict(
             method=m.name, family=m.family, schedule=m.schedule.to_dict(), model=m.model,
             counts=m.schedule.counts(), macs_per_image=macs,
@@ -249,6 +272,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             ms_per_image=1000 * seconds / cfg.samples, speedup_wall=teacher_sec / seconds,
             resumed=resumed, search_seconds=search_seconds.get(m.name),
             metrics={k: v.to_dict() for k, v in metrics.items()},
+            **({"macs_per_batch": counted[m.name]} if m.peer is not None else {}),
         ))
     result = dict(
         config=asdict(cfg), model=str(model.path), model_fingerprint=fp,
@@ -257,7 +281,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             runs, feats_by_name, meter, {r["method"]: r["macs_per_image"] for r in rows},
             {r["method"]: r["metrics"][meter.headline]["value"] for r in rows}, teacher_macs),
         feature_space=meter.name, headline=meter.headline, step_costs=costs.to_dict(), threads=torch.get_num_threads(),
-        rows=rows,
+        rows=rows, skipped=skipped,
     )
     write_json(out_dir / "bench.json", result)
     write_text(out_dir / "bench.md", markdown_table(result))

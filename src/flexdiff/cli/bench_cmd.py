@@ -37,7 +37,7 @@ from .app import (
 def bench(
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.md, bench.json, bench.png, samples.png (and a resumable cache)."),
     model: Optional[Path] = ModelOpt,
-    preset: str = typer.Option("quick", help="quick (the README's main job, about 15 minutes), full (docs/bench.md) or search (docs/search.md: the searches at 1/8, 1/16, 1/25 against the solvers)."),
+    preset: str = typer.Option("quick", help="quick (the README's main job, about 15 minutes), full (docs/bench.md), search (docs/search.md: the searches at 1/8, 1/16, 1/25 against the solvers) or transformer (a flow-matching transformer against diffusers' cache hooks)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Override the preset's samples per method."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the shared initial noise."),
     teacher_steps: Optional[int] = typer.Option(None, min=1, help="Teacher DDIM steps (preset: 100)."),
@@ -57,6 +57,8 @@ def bench(
     expert_final_steps: Optional[int] = typer.Option(None, "--expert-final-steps", min=1, help="Fine-tuning steps per extracted expert (default 1200); the baselines get as many."),
     expert_budget_kind: Optional[str] = typer.Option(None, "--expert-budget-kind", help="What the expert budgets count: macs (default) or latency (measured once on this machine)."),
     composed: Optional[str] = typer.Option(None, "--composed", help="Search a schedule over each mixture at these speed-ups against the original teacher (e.g. 20), or 'none'."),
+    hooks: Optional[str] = typer.Option(None, "--hooks", help="Transformers: diffusers' cache hooks as peers, KIND:SETTING items (fbc:THRESHOLD, taylorseer:INTERVAL, magcache:THRESHOLD, pab:SKIP, fastercache:SKIP), or 'none'. Preset transformer: eight."),
+    hook_steps: Optional[int] = typer.Option(None, "--hook-steps", min=2, help="Steps of the plain sampler the hooks run over (preset transformer: 50)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
     labels: Optional[str] = LabelsOpt,
@@ -70,6 +72,7 @@ def bench(
 ):
     """Run the teacher and the peers side by side on the same noise; write a table, a plot and sample grids."""
     from ..bench import config_from_options, markdown_table, run_bench
+    from ..bench.methods import parse_hook_peers
     from ..metrics import meter_for
     from ..models import load_model
     from ..outputs import check_folder_target, run_folder
@@ -89,6 +92,7 @@ def bench(
         composed_speedups=() if composed == "none" else parse_floats(composed, "--composed"),
         search_generations=search_generations, search_population=search_population,
         search_eval_samples=search_eval_samples, autodiffusion=autodiffusion,
+        hook_peers=() if hooks == "none" else None if hooks is None else parse_hook_peers(hooks), hook_steps=hook_steps,
         mixtures=tuple(str(p) for p in mixture) or None,
         expert_settings=tuple((k, v) for k, v in (("final_steps", expert_final_steps),
                                                   ("budget_kind", expert_budget_kind)) if v is not None) or None,
@@ -101,13 +105,17 @@ def bench(
     for path in mixture:
         if str(path) != "default":
             load_model(path)  # a broken mixture folder is refused now, not after the searches
-    from ..anatomy import num_branches
+    from ..anatomy import anatomy, num_branches
 
     nb = num_branches(loaded.unet)
     if any(b >= nb for b in cfg.deepcache_branches):  # refused before the output folder is made
         given = f"--deepcache-branches {deepcache_branches}" if deepcache_branches is not None else \
             f"the {preset} preset's DeepCache branches {list(cfg.deepcache_branches)} (set --deepcache-branches)"
         raise FlexdiffError(f"{given}: the model at {loaded.path} has branches 0..{nb - 1}")
+    if cfg.hook_peers and not hasattr(anatomy(loaded.unet), "branches"):
+        given = f"--hooks {hooks}" if hooks is not None else f"the {preset} preset's hook peers"
+        raise FlexdiffError(f"{given}: diffusers' cache hooks run on transformers; the model at {loaded.path} is a "
+                            f"{type(loaded.unet).__name__} (give --hooks none)")
     cfg = replace(cfg, labels=labels_from_options(loaded, labels, guidance), guidance=guidance,
                   prompts=prompts_for_config(loaded, prompt, prompts, negative_prompt, guidance),
                   negative_prompt=negative_prompt)
