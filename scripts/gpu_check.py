@@ -118,7 +118,7 @@ def step_times(name: str, cfg: dict, device, dtype, batches, modes, branches_wan
     macs = {k: costs.schedule_macs(s) for k, s in runs.items()}
     for batch in batches:
         x0 = torch.randn(batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]).to(device, dtype)
-        _, _, kw = _example_inputs(unet, 77)
+        kw = {k: v for k, v in _example_inputs(unet, 77).items() if k not in ("sample", "timestep")}
         kwargs = {k: (v.expand(batch, *v.shape[1:]) if torch.is_tensor(v) else
                       {a: b.expand(batch, *b.shape[1:]) for a, b in v.items()}) for k, v in kw.items()}
         for mode in modes:
