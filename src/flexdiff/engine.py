@@ -27,16 +27,13 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .anatomy import anatomy
+from .anatomy import UNetAnatomy, anatomy
 from .errors import FlexdiffError
 from .mixture import expert_for_step, experts_of, is_mixture
 from .runs import EngineRun, place_timestep, scheduler_mismatch, watch_scheduler
 from .schedule import Schedule, StepKind
 
 HOOK_NAME = "flexdiff_step_engine"
-def _timestep(args, kwargs):
-    """The timestep a denoiser (or its ControlNet) is called at: the second positional argument or `timestep`."""
-    return args[1] if len(args) > 1 else kwargs["timestep"]
 
 
 class _StepHook(ModelHook):
@@ -108,7 +105,7 @@ class _SideHook(ModelHook):
         self.calls = 0  # how many times it actually ran
 
     def new_forward(self, module, *args, **kwargs):
-        kind, slot = self.engine.peek(_timestep(args, kwargs))
+        kind, slot = self.engine.peek(UNetAnatomy.timestep(args, kwargs))  # a ControlNet is called like a UNet
         if kind is StepKind.NULL and slot in self.last:
             return self.last[slot]
         out = self.fn_ref.original_forward(*args, **kwargs)

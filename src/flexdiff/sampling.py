@@ -158,8 +158,8 @@ def class_conditioning(unet, labels: tuple[int, ...] | None, n: int, guidance: f
     No labels: unconditional (the null label), where guidance has nothing to contrast and is refused.
     A model without classes refuses labels.
     """
-    classes = num_classes(unet)
-    if classes is None:
+    spec = class_spec(unet.experts[0] if is_mixture(unet) else unet)
+    if spec is None:
         if labels:
             raise FlexdiffError("--labels is only for class-conditional models (a UNet2DModel with num_class_embeds, "
                                 "a DiT, or a transformer with label_tokens.json)")
@@ -170,5 +170,4 @@ def class_conditioning(unet, labels: tuple[int, ...] | None, n: int, guidance: f
                                 "uses the null label, which guidance contrasts with)")
         return null_conditioning(unet)
     rows = torch.tensor(labels, dtype=torch.long).repeat((n + len(labels) - 1) // len(labels))[:n]
-    spec = class_spec(unet.experts[0] if is_mixture(unet) else unet)
     return Conditioning(class_labels=rows, null_label=spec.null, guidance_scale=guidance, tokens=spec.tokens)

@@ -78,10 +78,9 @@ def null_label(unet, tokens: LabelTokens | None = None) -> int | None:
     return None if n is None else n - 1
 
 
-def _predict(model, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, tokens: LabelTokens | None):
-    """The model's prediction at xt, called as its anatomy says (FLUX: packed latents, t / 1000)."""
+def _predict(model, call, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, tokens: LabelTokens | None):
+    """The model's prediction at xt, called as its anatomy `call` says (FLUX: packed latents, t / 1000)."""
     kwargs = {} if y is None else tokens.kwargs(y) if tokens is not None else {"class_labels": y}
-    call = call_anatomy(model)
     return call.call_output(model(**call.call_inputs(xt, t, kwargs), **kwargs).sample, xt)
 
 
@@ -131,7 +130,8 @@ def train(
     """
     out_dir = Path(out_dir)
     scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
-    channels = call_anatomy(unet).latent_channels()  # FLUX's in_channels count packed 2 x 2 patches
+    call = call_anatomy(unet)  # how the model is called (looked up once: every step uses it)
+    channels = call.latent_channels()  # FLUX's in_channels count packed 2 x 2 patches
     if images.ndim != 4 or images.shape[1] != channels:
         raise FlexdiffError(f"data has shape {tuple(images.shape)}; the model expects (N, {channels}, H, W)")
     null = null_label(unet, tokens)
@@ -202,7 +202,7 @@ def train(
             y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = null
             y = y.to(device)
         with autocast(device, dtype):
-            pred = _predict(unet, xt, t, y, tokens)
+            pred = _predict(unet, call, xt, t, y, tokens)
         loss = F.mse_loss(pred.float(), target)
         loss.backward()
         return loss.item()

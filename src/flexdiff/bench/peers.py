@@ -164,12 +164,18 @@ def run_peer(model, scheduler_config: dict, peer: HookPeer, noise: torch.Tensor,
     except Exception as e:  # diffusers refuses models its hook does not know
         raise FlexdiffError(f"{peer.name} cannot run on {type(model).__name__}: {str(e).splitlines()[0]}") from None
     device = placement(m)[0]
-    outs, macs = [], []
+    outs, macs, seconds = [], [], 0.0
     task = progress.add_task(peer.name, total=2 * len(noise)) if progress else None
-    for start in range(0, len(noise), batch_size):
-        chunk = noise[start:start + batch_size]
-        part = cond.rows(start, start + len(chunk)) if cond is not None else None
-        _reset(m)
+
+    def batches():  # each batch a fresh sampling run for the hooks
+        for start in range(0, len(noise), batch_size):
+            chunk = noise[start:start + batch_size]
+            _reset(m)
+            yield chunk, cond.rows(start, start + len(chunk)) if cond is not None else None
+            if task is not None:
+                progress.update(task, advance=len(chunk))
+
+    for chunk, part in batches():  # counted: images and MACs
         with FlopCounterMode(display=False) as counter:
             try:
                 outs.append(sample(m, scheduler_config, peer.base, chunk, batch_size=len(chunk), cond=part).images)
@@ -179,20 +185,12 @@ def run_peer(model, scheduler_config: dict, peer: HookPeer, noise: torch.Tensor,
                 raise FlexdiffError(f"{peer.name} cannot run on {type(model).__name__}: "
                                     f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         macs.append(counter.get_total_flops() / 2 / len(chunk))
-        if task is not None:
-            progress.update(task, advance=len(chunk))
-    seconds = 0.0
-    for start in range(0, len(noise), batch_size):
-        chunk = noise[start:start + batch_size]
-        part = cond.rows(start, start + len(chunk)) if cond is not None else None
-        _reset(m)
+    for chunk, part in batches():  # timed: the same batches without the counter
         synchronize(device)
         t0 = time.perf_counter()
         sample(m, scheduler_config, peer.base, chunk, batch_size=len(chunk), cond=part)
         synchronize(device)
         seconds += time.perf_counter() - t0
-        if task is not None:
-            progress.update(task, advance=len(chunk))
     if task is not None:
         progress.remove_task(task)
     return PeerRun(images=torch.cat(outs), seconds=seconds, macs=macs)

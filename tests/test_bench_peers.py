@@ -1,0 +1,51 @@
+"""diffusers' cache hooks as bench peers on a (tiny, FLUX-shaped) transformer: each runs through the public API,
+its MACs are counted from what ran (never above the plain run it decides over), and bad settings or a model the
+hooks cannot run on are refused before anything is written."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from flexdiff.bench.peers import PEER_KINDS, HookPeer, PeerRunner
+from flexdiff.errors import FlexdiffError
+from flexdiff.models import DEFAULT_LABEL_TOKENS, LoadedModel, build_default_transformer, save_model
+from flexdiff.samplers import FLOW_SCHEDULER_CONFIG
+from flexdiff.sampling import class_conditioning, initial_noise, sample
+from test_cli import assert_user_error, run  # noqa: E402
+
+SETTING = {"fbc": 0.5, "taylorseer": 2, "magcache": 0.5, "pab": 2, "fastercache": 2}
+
+
+def test_every_hook_runs_and_counts_no_more_than_the_plain_run():
+    model = build_default_transformer(0, num_layers=1, num_single_layers=3).eval().requires_grad_(False)
+    noise = initial_noise(8, (1, 16, 16), 0)
+    cond = class_conditioning(model, (0, 1), 8, 2.0)
+    loaded = LoadedModel(unet=model, scheduler_config=FLOW_SCHEDULER_CONFIG, path=None)
+    with FlopCounterMode(display=False) as fc:
+        sample(model, FLOW_SCHEDULER_CONFIG, HookPeer("fbc", 0.5, 6).base, noise[:4], 4, cond=cond.rows(0, 4))
+    plain = fc.get_total_flops() / 2 / 4
+    runner = PeerRunner(loaded, noise, cond, batch_size=4)
+    for kind in PEER_KINDS:
+        r = runner.run(HookPeer(kind, SETTING[kind], 6))
+        assert r.images.shape == (8, 1, 16, 16) and torch.isfinite(r.images).all(), kind
+        assert len(r.macs) == 2 and all(0 < m <= plain * (1 + 1e-9) for m in r.macs), (kind, r.macs, plain)
+        assert r.seconds > 0
+    assert not getattr(model, "_diffusers_hook", None) or not model._diffusers_hook.hooks  # the model is untouched
+
+
+@pytest.mark.parametrize("kind, setting", [("fbc", 0.0), ("fbc", 1.5), ("taylorseer", 2.5), ("pab", 1), ("nope", 1)])
+def test_settings_out_of_range_are_refused(kind, setting):
+    with pytest.raises(FlexdiffError):
+        HookPeer(kind, setting, 10)
+
+
+def test_bench_refuses_bad_hooks_and_hooks_on_a_unet_before_writing(tmp_path):
+    code, out = run("bench", "--hooks", "fbc:2", "--out", tmp_path / "b")
+    assert_user_error(code, out, "--hooks fbc:2", "between 0 and 1")
+    code, out = run("bench", "--preset", "transformer", "--out", tmp_path / "b")  # the default model is a UNet
+    assert_user_error(code, out, "diffusers' cache hooks run on transformers", "--hooks none")
+    assert not (tmp_path / "b").exists()
+    folder = save_model(build_default_transformer(0, num_layers=1, num_single_layers=3), FLOW_SCHEDULER_CONFIG,
+                        tmp_path / "t", DEFAULT_LABEL_TOKENS)
+    code, out = run("bench", "--model", folder, "--hooks", "taylorseer:x", "--out", tmp_path / "b")
+    assert_user_error(code, out, "KIND:SETTING")
