@@ -45,6 +45,11 @@ def test_bench_writes_table_plot_and_resumes(tiny_model_dir, tmp_path):
             best[r["family"]] = r
     compared = [c for c in result["search_vs_peers"] if c["schedule"] == flex["method"]]
     assert within and sorted(c["peer"] for c in compared) == sorted(r["method"] for r in best.values())
+    for c in compared:  # the rule: a win needs the class mix not separated worse
+        assert c["verdict"] in ("better", "worse", "tie", "better headline, worse class mix")
+        tv_worse = c["class_tv_difference"]["lo"] > 0
+        assert (c["verdict"] == "better") == (c["difference"]["hi"] < 0 and not tv_worse)
+    assert {"precision", "recall", "class_tv_minus_teacher"} <= set(rows["DDIM-3"]["metrics"])
     assert "Flexiffusion schedules against the best peer of each family within their budget" in table
 
     again = run_bench(model, CFG, tmp_path / "b", meter, extra)

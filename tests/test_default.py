@@ -54,8 +54,9 @@ def test_evaluate_command_on_default_model(tmp_path):
                                       "--samples", "40", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())["metrics"]
-    assert {"cbfd", "class_tv", "cbfd_minus_teacher", "fid", "kid", "fid_minus_teacher", "rfid",
-            "teacher_distance"} <= set(metrics)
+    assert {"cbfd", "class_tv", "cbfd_minus_teacher", "class_tv_minus_teacher", "precision", "recall", "fid", "kid",
+            "fid_minus_teacher", "rfid", "teacher_distance"} <= set(metrics)
+    assert 0 <= metrics["precision"]["value"] <= 1 and 0 <= metrics["recall"]["value"] <= 1
     assert metrics["rfid"]["value"] > 0
 
 

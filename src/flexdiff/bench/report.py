@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import save_figure
-from ..metrics import QualityMeter
+from ..metrics import QualityMeter, verdict
 
 FAMILY_STYLE = {  # colour, marker
     "teacher": ("black", "*"),
@@ -40,9 +40,14 @@ def mixture_comparisons(runs, feats_by_name: dict, meter: QualityMeter) -> list[
     """Each mixture (alone, on the teacher's sampler) against each baseline, paired on the same noise."""
     mixtures = [m for m, *_ in runs if m.family == "experts"]
     baselines = [m for m, *_ in runs if m.family in ("experts-uniform", "diff-pruning")]
-    return [dict(mixture=a.name, baseline=b.name, metric=meter.headline,
-                 difference=meter.paired(feats_by_name[a.name], feats_by_name[b.name]).to_dict())
-            for a in mixtures for b in baselines]
+    out = []
+    for a in mixtures:
+        for b in baselines:
+            fa, fb = feats_by_name[a.name], feats_by_name[b.name]
+            diff, tv = meter.paired(fa, fb), meter.paired_class_tv(fa, fb)
+            out.append(dict(mixture=a.name, baseline=b.name, metric=meter.headline, difference=diff.to_dict(),
+                            class_tv_difference=None if tv is None else tv.to_dict(), verdict=verdict(diff, tv)))
+    return out
 
 
 # the peers a searched schedule must beat: the solvers, DeepCache and the other search
@@ -69,9 +74,12 @@ def search_comparisons(runs, feats_by_name: dict, meter: QualityMeter, macs: dic
         for family in PEER_FAMILIES:
             if family in best:
                 p = best[family]
+                a, b = feats_by_name[m.name], feats_by_name[p.name]
+                diff, tv = meter.paired(a, b), meter.paired_class_tv(a, b)
                 out.append(dict(schedule=m.name, peer=p.name, peer_family=family, peer_macs=macs[p.name],
                                 budget=m.schedule.meta.get("budget"), metric=meter.headline,
-                                difference=meter.paired(feats_by_name[m.name], feats_by_name[p.name]).to_dict()))
+                                difference=diff.to_dict(), class_tv_difference=None if tv is None else tv.to_dict(),
+                                verdict=verdict(diff, tv)))
     return out
 
 
@@ -143,9 +151,10 @@ def markdown_table(result: dict) -> str:
            if balanced else "") + ".",
         "",
         f"| method | steps (full/partial/null) | MACs/image (M) | speed-up (MACs) | speed-up (wall) | wall / MACs "
-        f"| ms/image | {label} | {label} − teacher (paired) |" + (" class TV |" if balanced else "")
+        f"| ms/image | {label} | {label} − teacher (paired) |"
+        + (" class TV | class TV − teacher (paired) | precision | recall |" if balanced else "")
         + " FID | FID − teacher (paired) | rFID | teacher dist. |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if balanced else "") + "---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if balanced else "") + "---|---|---|---|",
     ]
     for r in result["rows"]:
         m, c = r["metrics"], r["counts"]
@@ -153,7 +162,8 @@ def markdown_table(result: dict) -> str:
             f"| {r['method']} | {_steps(r)} | {_macs(r)} "
             f"| {r['speedup_macs']:.2f}x | {r['speedup_wall']:.2f}x | {_wall_share(r)} | {r['ms_per_image']:.1f} "
             f"| {_est(m[head])} | {_est(m.get(head + '_minus_teacher'))} |"
-            + (f" {_est(m.get('class_tv'), 3)} |" if balanced else "")
+            + (f" {_est(m.get('class_tv'), 3)} | {_est(m.get('class_tv_minus_teacher'), 3)} "
+               f"| {_est(m.get('precision'), 3)} | {_est(m.get('recall'), 3)} |" if balanced else "")
             + f" {_est(m['fid'])} | {_est(m.get('fid_minus_teacher'))} "
             f"| {_est(m.get('rfid'))} | {_est(m.get('teacher_distance'))} |"
         )
@@ -166,19 +176,25 @@ def markdown_table(result: dict) -> str:
         lines += [f"- {s['method']}: {s['reason']}" for s in result["skipped"]]
     if result.get("mixture_vs_baselines"):
         lines += ["", "Mixtures against their baselines, paired on the same noise (negative: the mixture is better):", "",
-                  f"| mixture | baseline | {label}(mixture) − {label}(baseline) |", "|---|---|---|"]
-        lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['difference'])} |"
+                  f"| mixture | baseline | {label}(mixture) − {label}(baseline) | class TV(mixture) − class TV(baseline) "
+                  "| verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {c['mixture']} | {c['baseline']} | {_est(c['difference'])} | {_est(c.get('class_tv_difference'), 3)} "
+                  f"| {c.get('verdict') or verdict(c['difference'], c.get('class_tv_difference'))} |"
                   for c in result["mixture_vs_baselines"]]
     if result.get("search_vs_peers"):
         lines += ["", "Flexiffusion schedules against the best peer of each family within their budget, paired on the "
-                  "same noise (negative: the searched schedule is better; * where the interval excludes 0):", "",
-                  f"| searched schedule | peer | peer's speed-up (MACs) | {label}(searched) − {label}(peer) |",
-                  "|---|---|---|---|"]
+                  "same noise (negative: the searched schedule is better; * where the interval excludes 0). The "
+                  f"verdict follows the rule of docs/metrics.md: better only where {label} is separated better *and* "
+                  "the class mix is not separated worse:", "",
+                  f"| searched schedule | peer | peer's speed-up (MACs) | {label}(searched) − {label}(peer) "
+                  "| class TV(searched) − class TV(peer) | verdict |", "|---|---|---|---|---|---|"]
         teacher_macs = result["rows"][0]["macs_per_image"]
         for c in result["search_vs_peers"]:
-            d = c["difference"]
+            d, tv = c["difference"], c.get("class_tv_difference")
             mark = " *" if d["lo"] > 0 or d["hi"] < 0 else ""
-            lines.append(f"| {c['schedule']} | {c['peer']} | {teacher_macs / c['peer_macs']:.2f}x | {_est(d)}{mark} |")
+            tv_mark = " *" if tv and (tv["lo"] > 0 or tv["hi"] < 0) else ""
+            lines.append(f"| {c['schedule']} | {c['peer']} | {teacher_macs / c['peer_macs']:.2f}x | {_est(d)}{mark} "
+                         f"| {_est(tv, 3)}{tv_mark} | {c.get('verdict') or verdict(d, tv)} |")
     searched = [r for r in result["rows"] if r.get("search_seconds") is not None]
     if searched:
         lines += ["", "Search wall time (on top of sampling the table): " + "; ".join(

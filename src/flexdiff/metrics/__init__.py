@@ -17,12 +17,28 @@ from .fid import (
     fid_with_ci,
     frechet_distance,
     kid_with_ci,
+    paired_class_tv_difference,
     paired_fid_difference,
     relative_fid,
     teacher_distance,
 )
 
-__all__ = ["Estimate", "QualityMeter", "meter_for"]
+__all__ = ["Estimate", "QualityMeter", "meter_for", "verdict"]
+
+
+def verdict(difference: Estimate | dict, class_tv_difference: Estimate | dict | None = None) -> str:
+    """The rule for "A beats B" (docs/metrics.md): A − B in the headline is separated below 0 *and* A's class
+    mix is not separated worse (A − B in class TV has its interval reaching 0 or below). Both paired on the
+    same noise. 'better', 'worse' (the headline separated above 0), 'tie' (neither separated), or 'better
+    headline, worse class mix' (the win the rule refuses)."""
+    def lo_hi(e):
+        return (e["lo"], e["hi"]) if isinstance(e, dict) else (e.lo, e.hi)
+
+    lo, hi = lo_hi(difference)
+    tv_worse = class_tv_difference is not None and lo_hi(class_tv_difference)[0] > 0
+    if hi < 0:
+        return "better headline, worse class mix" if tv_worse else "better"
+    return "worse" if lo > 0 else "tie"
 
 
 def meter_for(model, inception_weights: Path | None = None, real_data: Path | None = None):
@@ -151,6 +167,9 @@ class QualityMeter:
             labels = self.labels(feats)
             out["cbfd"] = fid_with_ci(z, zref, self.n_boot, labels=labels, shares=self.shares)
             out["class_tv"] = class_histogram_tv(labels, self.shares, self.n_boot)
+            from .manifold import precision_recall  # diversity, which cbFD and class TV do not see
+
+            out["precision"], out["recall"] = precision_recall(z, zref)
         out["fid"] = fid_with_ci(feats[:, cols], self.reference[:, cols], self.n_boot)
         if kid:
             out["kid"] = kid_with_ci(feats[:, cols], self.reference[:, cols])
@@ -158,6 +177,7 @@ class QualityMeter:
             zt = self.standardised(teacher)
             if self.classify is not None:
                 out["cbfd_minus_teacher"] = self.paired(feats, teacher)
+                out["class_tv_minus_teacher"] = self.paired_class_tv(feats, teacher)
             out["fid_minus_teacher"] = paired_fid_difference(feats[:, cols], teacher[:, cols],
                                                              self.reference[:, cols], self.n_boot)
             out["rfid"] = relative_fid(z, zt, self.n_boot)
@@ -169,3 +189,9 @@ class QualityMeter:
         z, zo, zref = self.standardised(feats), self.standardised(other), self.standardised(self.reference)
         return paired_fid_difference(z, zo, zref, self.n_boot, labels=self.labels(feats),
                                      teacher_labels=self.labels(other), shares=self.shares)
+
+    def paired_class_tv(self, feats: np.ndarray, other: np.ndarray) -> Estimate | None:
+        """class TV(feats) − class TV(other), paired on shared noise; None without a classifier."""
+        if self.classify is None:
+            return None
+        return paired_class_tv_difference(self.labels(feats), self.labels(other), self.shares, self.n_boot)

@@ -87,7 +87,7 @@ def _interval(value: float, boots: list[float], level: float) -> Estimate:
     from scipy.stats import norm
 
     half = norm.ppf(1 - (1 - level) / 2) * float(np.std(boots, ddof=1))
-    return Estimate(float(value), float(value) - half, float(value) + half)
+    return Estimate(float(value), float(value - half), float(value + half))
 
 
 def class_weights(labels: np.ndarray, shares: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
@@ -159,6 +159,25 @@ def class_histogram_tv(labels: np.ndarray, shares: np.ndarray, n_boot: int = 200
     rng = np.random.default_rng(seed)
     boots = [tv(labels[rng.integers(0, len(labels), len(labels))]) for _ in range(n_boot)]
     return _interval(tv(labels), boots, level)
+
+
+def paired_class_tv_difference(labels: np.ndarray, other: np.ndarray, shares: np.ndarray, n_boot: int = 200,
+                               level: float = 0.95, seed: int = 0) -> Estimate:
+    """TV(labels) − TV(other) against the reference's class shares, paired: both label sets come from the same
+    noise, in the same order, and each bootstrap draw resamples the same indices of both (negative: `labels`
+    has the closer class mix)."""
+    if len(labels) != len(other):
+        raise ValueError(f"paired class mixes need the same noise: {len(labels)} vs {len(other)} samples")
+
+    def tv(lab):
+        return 0.5 * float(np.abs(np.bincount(lab, minlength=len(shares)) / len(lab) - shares).sum())
+
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        boots.append(tv(labels[idx]) - tv(other[idx]))
+    return _interval(tv(labels) - tv(other), boots, level)
 
 
 def relative_fid(x: np.ndarray, teacher: np.ndarray, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Estimate:

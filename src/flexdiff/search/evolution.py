@@ -46,6 +46,8 @@ class SearchConfig(Config):
     guidance: float = 1.0  # classifier-free guidance scale of the teacher and every candidate
     prompts: tuple[str, ...] = ()  # text-to-image pipelines: the fixed prompts (cycled); () = the empty prompt
     negative_prompt: str | None = None
+    # a candidate whose class mix is separated worse than the teacher's ranks last (digits classifier space only)
+    class_guard: bool = True
 
     def check(self) -> None:
         if self.budget is None and not self.pareto:

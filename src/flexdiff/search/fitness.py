@@ -19,6 +19,9 @@ from ..sampling import initial_noise, model_conditioning, sample
 from ..schedule import Schedule
 
 METRICS = ("rfid", "distance", "fid")
+# added to the fitness of a candidate whose class mix is separated worse than the teacher's (docs/search.md): it then
+# ranks after every candidate that keeps the mix, whatever their metric values (which stay far below this)
+CLASS_MIX_PENALTY = 1000.0
 
 
 def default_metric(meter) -> str:
@@ -36,21 +39,26 @@ class Fitness:
     - fid: the meter's headline quality against the real data (AutoDiffusion's fitness: FID; on
       the digits, the class-balanced distance of docs/metrics.md).
     rfid and distance use the meter's standardised features.
+    With a classifier (the digits space) and `class_guard`, a candidate whose class mix is separated worse than
+    the teacher's on the same noise (paired class TV difference, its 95% interval above 0) scores its metric
+    plus CLASS_MIX_PENALTY: a Fréchet distance that balances the classes cannot see a shifted class mix, and a
+    schedule must not win by shifting it (docs/metrics.md, "the rule").
     The teacher's features are computed once and stored in `workdir`.
     """
 
     def __init__(self, model: LoadedModel, meter: QualityMeter, teacher: Schedule, metric: str,
                  samples: int, seed: int, workdir: Path, batch_size: int = 256, progress=None,
                  labels: tuple[int, ...] = (), guidance: float = 1.0, teacher_features: np.ndarray | None = None,
-                 prompts: tuple[str, ...] = (), negative_prompt: str | None = None):
+                 prompts: tuple[str, ...] = (), negative_prompt: str | None = None, class_guard: bool = True):
         if metric not in METRICS:
             raise FlexdiffError(f"--metric {metric!r}: accepted values are {', '.join(METRICS)}")
         self.model, self.meter, self.metric, self.batch_size = model, meter, metric, batch_size
         self.progress = progress
+        self.class_guard = class_guard and getattr(meter, "classify", None) is not None
         # what a worker needs to score like this one (see worker_args)
         self._args = dict(teacher=teacher, metric=metric, samples=samples, seed=seed, workdir=workdir,
                           batch_size=batch_size, labels=tuple(labels), guidance=guidance, prompts=tuple(prompts),
-                          negative_prompt=negative_prompt)
+                          negative_prompt=negative_prompt, class_guard=class_guard)
         self.noise = initial_noise(samples, noise_shape(model.unet), seed)
         self.cond = model_conditioning(model, samples, tuple(labels), tuple(prompts), negative_prompt, guidance)
         # the teacher's images depend on the labels, prompts and guidance: all in the cache's name
@@ -87,11 +95,13 @@ class Fitness:
         # and score bit-identically, so a parallel search equals a serial one under FID-type fitnesses too
         with threadpool_limits(limits=1):
             if metric == "fid":
-                return self.meter.quality(feats)
-            z, zt = self.meter.standardised(feats), self.meter.standardised(self.teacher)
-            if metric == "rfid":
-                return fid(z, zt)
-            return float(np.linalg.norm(z - zt, axis=1).mean())
+                value = self.meter.quality(feats)
+            else:
+                z, zt = self.meter.standardised(feats), self.meter.standardised(self.teacher)
+                value = fid(z, zt) if metric == "rfid" else float(np.linalg.norm(z - zt, axis=1).mean())
+        if self.class_guard and self.meter.paired_class_tv(feats, self.teacher).lo > 0:
+            value += CLASS_MIX_PENALTY
+        return value
 
     def __call__(self, schedule: Schedule) -> tuple[float, float]:
         """(fitness, seconds spent evaluating)."""

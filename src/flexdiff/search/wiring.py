@@ -54,7 +54,7 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
     search._load_state()
     out_dir.mkdir(parents=True, exist_ok=True)
     common = dict(batch_size=batch_size, progress=progress, labels=cfg.labels, guidance=cfg.guidance,
-                  prompts=cfg.prompts, negative_prompt=cfg.negative_prompt)
+                  prompts=cfg.prompts, negative_prompt=cfg.negative_prompt, class_guard=cfg.class_guard)
     reference_features = None
     if reference is not None:  # the reference's teacher run on the search's noise (the same seed and conditioning)
         reference_features = Fitness(reference, meter, teacher, cfg.metric, cfg.eval_samples, cfg.seed + 10_000,
