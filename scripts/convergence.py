@@ -1,13 +1,17 @@
-"""Is the default model converged? The model card's check, from a training run with snapshots.
+"""Is a default model converged? The model card's check, from a training run with snapshots.
 
     .venv/bin/python scripts/convergence.py --run runs/default-cond --ship 6000 --extended 9000
+    .venv/bin/python scripts/convergence.py --run runs/default-transformer --ship 6000 --extended 9000 \
+        --out runs/convergence-transformer
 
 The run must have been trained with `--lr-schedule constant --snapshot-every N` (see the model
 card). The check: the model at `--extended` steps (50% more training) against the one at
-`--ship`, on the same initial noise (DDIM-100, unconditional), in the headline metric (cbFD)
-and the classic FID. Converged = the paired difference's 95% interval contains 0 and the change
-is within the shipped model's own interval. Also writes the loss curve and the cbFD of every
-snapshot (DDIM-20, fewer samples: the trend, not the verdict).
+`--ship`, on the same initial noise (the model's teacher: DDIM-100, or flow Euler-100 on a flow-matching
+model; unconditional), in the headline metric (cbFD) and the classic FID. Converged = the paired
+difference's 95% interval contains 0 and the change is within the shipped model's own interval; and the
+shipped model's step ladder separates: its teacher is better than its own 20-step run (paired cbFD
+separated below 0) and 5, 10, 20 steps get better in turn. Also writes the loss curve and the cbFD of every
+snapshot (20 steps, fewer samples: the trend, not the verdict).
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from flexdiff.anatomy import noise_shape
 from flexdiff.io import save_figure, write_json, write_text
 from flexdiff.metrics import QualityMeter
 from flexdiff.models import load_model
 from flexdiff.sampling import initial_noise, sample
 from flexdiff.schedule import Schedule
+
+LADDER = (5, 10, 20)  # step counts the shipped model's teacher must beat in turn
 
 
 def _half(e) -> float:
@@ -40,13 +47,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/convergence"))
     args = ap.parse_args()
 
-    meter = QualityMeter.for_model((1, 16, 16))
     snap = lambda step: args.run / "snapshots" / f"step-{step:06d}"  # noqa: E731
-    noise = initial_noise(args.samples, (1, 16, 16), args.seed)
+    shipped = load_model(snap(args.ship))
+    shape = noise_shape(shipped.unet)
+    meter = QualityMeter.for_model(shape)
+    noise = initial_noise(args.samples, shape, args.seed)
+    sampler = Schedule.teacher(shipped.scheduler_config).sampler
     feats = {}
     for step in (args.ship, args.extended):
-        m = load_model(snap(step))
-        feats[step] = meter.features(sample(m.unet, m.scheduler_config, Schedule.full("ddim", 100), noise).images)
+        m = shipped if step == args.ship else load_model(snap(step))
+        feats[step] = meter.features(sample(m.unet, m.scheduler_config, Schedule.full(sampler, 100), noise).images)
+    ladder = {}  # the shipped model at fewer steps, on the same noise
+    for n in LADDER:
+        images = sample(shipped.unet, shipped.scheduler_config, Schedule.full(sampler, n), noise).images
+        ladder[n] = meter.features(images)
+    ladder_vs_teacher = {n: meter.paired(feats[args.ship], ladder[n]) for n in LADDER}  # teacher − n steps
+    ladder_cbfd = {n: meter.report(ladder[n], kid=False)["cbfd"] for n in LADDER}
     ship, ext = (meter.report(feats[s], kid=False) for s in (args.ship, args.extended))
     paired = meter.paired(feats[args.extended], feats[args.ship])
     from flexdiff.metrics.fid import paired_fid_difference
@@ -59,6 +75,8 @@ def main() -> None:
         paired_cbfd_contains_zero=bool(paired.lo <= 0 <= paired.hi),
         fid_change_within_interval=bool(abs(ext["fid"].value - ship["fid"].value) <= _half(ship["fid"])),
         paired_fid_contains_zero=bool(paired_fid.lo <= 0 <= paired_fid.hi),
+        teacher_better_than_its_20_step_run=bool(ladder_vs_teacher[20].hi < 0),
+        step_ladder_improves=bool(all(ladder_cbfd[a].value > ladder_cbfd[b].value for a, b in zip(LADDER, LADDER[1:]))),
     )
 
     # the trend over every snapshot, and the loss curve
@@ -76,7 +94,7 @@ def main() -> None:
             curve.append(previous[step])
             continue
         m = load_model(snap(step))
-        f = meter.features(sample(m.unet, m.scheduler_config, Schedule.full("ddim", 20), small).images)
+        f = meter.features(sample(m.unet, m.scheduler_config, Schedule.full(sampler, 20), small).images)
         curve.append(dict(step=step, cbfd=meter.report(f, kid=False)["cbfd"].to_dict()))
     losses = json.loads((args.run / "losses.json").read_text())
     summary = json.loads((args.run / "training_summary.json").read_text())
@@ -84,6 +102,8 @@ def main() -> None:
     result = dict(ship=args.ship, extended=args.extended, samples=args.samples, seed=args.seed,
                   shipped={k: v.to_dict() for k, v in ship.items()}, extended_metrics={k: v.to_dict() for k, v in ext.items()},
                   paired_cbfd_extended_minus_ship=paired.to_dict(), paired_fid_extended_minus_ship=paired_fid.to_dict(),
+                  ladder={n: dict(cbfd=ladder_cbfd[n].to_dict(), teacher_minus_this=ladder_vs_teacher[n].to_dict())
+                          for n in LADDER},
                   checks=checks, converged=all(checks.values()), curve=curve, curve_samples=args.curve_samples,
                   wall_time_s=summary["wall_time_s"], total_steps=len(losses))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,12 +112,16 @@ def main() -> None:
     def fmt(e):
         return f"{e.value:.2f} ± {_half(e):.2f}"
 
-    md = [f"DDIM-100, unconditional, {args.samples} samples on the same noise (seed {args.seed}), 95% intervals.", "",
+    md = [f"{sampler}-100, unconditional, {args.samples} samples on the same noise (seed {args.seed}), 95% intervals.",
+          "",
           "| model | cbFD | FID (penultimate) | class TV |", "|---|---|---|---|",
           f"| step {args.ship} (shipped) | {fmt(ship['cbfd'])} | {fmt(ship['fid'])} | {fmt(ship['class_tv'])} |",
           f"| step {args.extended} (+{100 * (args.extended - args.ship) / args.ship:.0f}%) | {fmt(ext['cbfd'])} "
           f"| {fmt(ext['fid'])} | {fmt(ext['class_tv'])} |", "",
-          f"Paired, step {args.extended} − step {args.ship}: cbFD {fmt(paired)}, FID {fmt(paired_fid)}.", ""]
+          f"Paired, step {args.extended} − step {args.ship}: cbFD {fmt(paired)}, FID {fmt(paired_fid)}.", "",
+          f"The shipped model's step ladder ({sampler}, same noise): "
+          + "; ".join(f"{n} steps cbFD {fmt(ladder_cbfd[n])}, teacher − this {fmt(ladder_vs_teacher[n])}"
+                      for n in LADDER) + ".", ""]
     md += [f"- {k.replace('_', ' ')}: {'yes' if v else 'NO'}" for k, v in checks.items()]
     md += ["", f"Converged: {'yes' if result['converged'] else 'NO'}."]
     write_text(args.out / "convergence.md", "\n".join(md) + "\n")
@@ -114,7 +138,7 @@ def main() -> None:
     a.plot(np.arange(w - 1, len(losses)), smooth, color="black", lw=1, label=f"mean of {w}")
     a.set_ylim(0, max(0.06, float(np.percentile(losses, 99))))
     a.set_xlabel("step")
-    a.set_ylabel("training loss (MSE on ε)")
+    a.set_ylabel("training loss (MSE on ε)" if sampler == "ddim" else "training loss (MSE on the velocity)")
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     ys = [c["cbfd"]["value"] for c in curve]
@@ -123,7 +147,7 @@ def main() -> None:
     for s in (args.ship, args.extended):
         b.axvline(s, color="gray", ls="--", lw=0.8)
     b.set_xlabel("step (EMA snapshot)")
-    b.set_ylabel(f"cbFD, DDIM-20, {args.curve_samples} samples")
+    b.set_ylabel(f"cbFD, {sampler}-20, {args.curve_samples} samples")
     b.grid(alpha=0.3)
     fig.suptitle("Default model training: loss and sample quality")
     save_figure(args.out / "training.png", fig)

@@ -130,7 +130,9 @@ def _block_units(prefix: str, block: torch.nn.Module, depth: int, step: int) -> 
 
 
 def anatomy(model: torch.nn.Module) -> Anatomy:
-    """The anatomy of a diffusers UNet or transformer denoiser; anything else is refused, naming what is supported."""
+    """The anatomy of a diffusers UNet or transformer denoiser (or of the one a torch.compile wrapper holds);
+    anything else is refused, naming what is supported."""
+    model = getattr(model, "_orig_mod", model)
     if is_transformer(model):
         return transformer_anatomy(model)
     return unet_anatomy(model)

@@ -40,7 +40,8 @@ def is_mixture(model: torch.nn.Module) -> bool:
 
 
 def experts_of(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The UNets behind `model`: itself, or every expert of a mixture."""
+    """The UNets behind `model`: itself (the module a torch.compile wrapper holds), or every expert of a mixture."""
+    model = getattr(model, "_orig_mod", model)
     return list(model.experts) if is_mixture(model) else [model]
 
 

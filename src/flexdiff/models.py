@@ -65,6 +65,15 @@ def default_model_dir() -> Path:
     return assets_dir() / "default_unet"
 
 
+def default_transformer_dir() -> Path:
+    """The transformer shipped beside the UNet (FLUX-shaped, flow matching; see its README)."""
+    return assets_dir() / "default_transformer"
+
+
+# names `--model` accepts beside folders (a folder of the same name, where one exists, wins)
+NAMED_MODELS = {"default": default_model_dir, "default-transformer": default_transformer_dir}
+
+
 def default_mixture_dir() -> Path:
     """The mixture of experts shipped for the default model (built by `flexdiff experts`, see its README)."""
     return assets_dir() / "default_mixture"
@@ -139,7 +148,14 @@ def load_model(path: Path | str | None = None, option: str = "--model", device: 
 
 
 def _load(path: Path | str | None, option: str) -> LoadedModel:
-    path = default_model_dir() if path is None else Path(path)
+    if path is None:
+        path = default_model_dir()
+    elif not Path(path).exists() and str(path) in NAMED_MODELS:
+        path = NAMED_MODELS[str(path)]()
+        if not path.exists():
+            raise FlexdiffError(f"{option} {path.name}: this installation lacks the shipped model (its folder {path} "
+                                "is missing); reinstall flexdiff or pass a model folder")
+    path = Path(path)
     if not path.exists():
         raise FlexdiffError(f"{option} {path}: no such file or folder")
     if not path.is_dir():

@@ -42,8 +42,9 @@ def _root() -> None:
 ModelOpt = typer.Option(
     None,
     "--model",
-    help="A local diffusers UNet2DModel / UNet2DConditionModel folder or pipeline folder. "
-    "Default: the digits UNet shipped with flexdiff.",
+    help="A local diffusers model folder or pipeline folder (a UNet, or a DiT / PixArt / SD3 / FLUX transformer), or "
+    "'default-transformer' (the digits transformer shipped with flexdiff). Default: the digits UNet shipped with "
+    "flexdiff.",
 )
 
 
