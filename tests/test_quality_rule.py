@@ -81,3 +81,28 @@ def test_search_fitness_ranks_a_shifted_class_mix_last():
     plain = _fitness(meter, teacher, guard=False)
     assert plain.score(shifted) == pytest.approx(guarded.score(shifted) - CLASS_MIX_PENALTY)
     assert plain.score(close) == guarded.score(close)
+
+
+def test_searched_schedules_meet_every_hook_that_spent_at_least_their_macs():
+    """Within the budget: the best peer per family. Beyond it: every diffusers hook setting with at least the
+    schedule's MACs (they land where their run-time decisions take them), each once."""
+    from flexdiff.bench.methods import Method
+    from flexdiff.bench.report import search_comparisons
+    from flexdiff.schedule import Schedule
+
+    meter, ref = _toy_meter()
+    rng = np.random.default_rng(3)
+    plain = Schedule.full("flow-euler", 4)
+    flex = Method("flex", "flexiffusion", Schedule("flow-euler", plain.steps, "flex", meta=dict(budget=0.25)))
+    rows = [flex, Method("euler-3", "flow-euler", plain), Method("fbc low", "hook-fbc", plain),
+            Method("fbc high", "hook-fbc", plain), Method("pab cheap", "hook-pab", plain),
+            Method("fora", "fora", plain)]
+    macs = {"flex": 20.0, "euler-3": 15.0, "fbc low": 60.0, "fbc high": 30.0, "pab cheap": 10.0, "fora": 40.0}
+    quality = {r.name: float(i) for i, r in enumerate(rows)}
+    feats = {r.name: ref[rng.permutation(len(ref))[:120]] for r in rows}
+    pairs = search_comparisons([(r,) for r in rows], feats, meter, macs, quality, teacher_macs=100.0)
+    peers = [c["peer"] for c in pairs]
+    # within 1/4 of 100: euler-3 and pab cheap (best of their families); above the schedule's 20: both fbc settings
+    assert sorted(peers) == ["euler-3", "fbc high", "fbc low", "pab cheap"]
+    assert all(c["verdict"] in ("better", "worse", "tie", "better headline, worse class mix") for c in pairs)
+    assert "fora" not in peers  # a static cache over the budget is not a hook: compared only within the budget
