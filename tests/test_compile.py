@@ -108,15 +108,18 @@ def test_compiling_before_apply_schedule_also_works():
     assert torch.allclose(out, eager, atol=1e-5) and torch.equal(out, again)
 
 
-def test_a_compiled_transformer_runs_a_static_schedule_without_graph_breaks_or_recompiles():
-    """SD3-shaped transformer (joint blocks, two streams), flow Euler: the block hooks compile like the UNet's."""
+@pytest.mark.parametrize("shape", ["sd3", "flux"])
+def test_a_compiled_transformer_runs_a_static_schedule_without_graph_breaks_or_recompiles(shape):
+    """SD3-shaped (joint blocks, two streams) and FLUX-shaped (dual then single-stream blocks, the default
+    transformer's shape), flow Euler: the block hooks compile like the UNet's."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from flexdiff.samplers import FLOW_SCHEDULER_CONFIG, make_scheduler
-    from tiny_transformers import inputs, sd3
+    from tiny_transformers import MODELS, inputs
 
-    model = sd3().to(DEVICE)
+    model = MODELS[shape]().to(DEVICE)
+    scale = 1000.0 if shape == "flux" else 1.0  # FLUX's pipeline passes t / 1,000
     kw = {k: v.to(DEVICE) for k, v in inputs(model, 0).items() if k != "timestep"}
     x = kw.pop("hidden_states")
     schedule = Schedule("flow-euler", (FULL, partial(0), NULL, FULL, partial(2), partial(1), FULL))
@@ -127,7 +130,7 @@ def test_a_compiled_transformer_runs_a_static_schedule_without_graph_breaks_or_r
         h = x
         for t in scheduler.timesteps:
             with torch.no_grad():
-                v = m(hidden_states=h, timestep=t.expand(2).to(DEVICE), **kw).sample
+                v = m(hidden_states=h, timestep=(t / scale).expand(2).to(DEVICE), **kw).sample
             h = scheduler.step(v, t, h).prev_sample
         return h
 
