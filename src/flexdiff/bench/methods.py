@@ -140,9 +140,12 @@ PRESETS = {
     "transformer": BenchConfig(samples=500, teacher_steps=50, ddim_steps=(3, 6, 12, 25), dpm_steps=(3, 6, 12),
                                unipc_steps=(3, 6, 12), deepcache_intervals=(2, 4), deepcache_branches=(0,),
                                deepcache_nonuniform=(), deepcache_dpm_steps=(12, 25), delta_dit_intervals=(2, 4),
-                               hook_peers=(("fbc", 0.05), ("fbc", 0.15), ("taylorseer", 4), ("taylorseer", 8),
-                                           ("magcache", 0.1), ("magcache", 0.3), ("pab", 2), ("pab", 4),
-                                           ("fastercache", 2), ("fastercache", 4)),
+                               # settings measured to land near 1/4 and 1/8 of the teacher's MACs where the hook
+                               # can get there (FirstBlockCache and MagCache stop near 1/5; PAB and FasterCache
+                               # skip attention only and stop near 1/1.2): docs/bench.md
+                               hook_peers=(("fbc", 0.3), ("fbc", 0.5), ("taylorseer", 5), ("taylorseer", 16),
+                                           ("magcache", 0.3), ("magcache", 0.6), ("pab", 2), ("pab", 8),
+                                           ("fastercache", 2), ("fastercache", 8)),
                                hook_steps=50, search_budgets=(1 / 4, 1 / 8, 1 / 16), search_population=12,
                                search_generations=6, search_eval_samples=128, flexiffusion_metrics=("rfid",)),
 }
