@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README):
-#   make bench   - the main job on the embedded default models (the UNet, then the transformer)
+#   make bench   - the main job on the embedded default model
 #   make test    - the test suite
 # Each builds .venv itself (scripts/setup_venv.sh): a torch already installed is kept; otherwise the
 # pinned CPU wheel (torch==2.13.0) on a machine without a GPU, the default CUDA build on one with.
@@ -26,10 +26,10 @@ $(RAY_STAMP): $(STAMP)
 	$(SETUP) test,ray
 	touch $(RAY_STAMP)
 
-# two tables: the UNet default, then the transformer default against diffusers' cache hooks
+# The transformer table (`--preset transformer --model default-transformer`) joins this target once the
+# transformer default ships converged (issue 26: its training is still running).
 bench: $(STAMP)
 	$(BIN)/flexdiff bench --preset quick --out runs/bench
-	$(BIN)/flexdiff bench --preset transformer --model default-transformer --out runs/bench-transformer
 
 bench-full: $(STAMP)
 	$(BIN)/flexdiff bench --preset full --out runs/bench-full

@@ -45,12 +45,13 @@ def main() -> None:
     ap.add_argument("--curve-samples", type=int, default=500)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", type=Path, default=Path("runs/convergence"))
+    ap.add_argument("--n-boot", type=int, default=200, help="bootstrap draws per interval")
     args = ap.parse_args()
 
     snap = lambda step: args.run / "snapshots" / f"step-{step:06d}"  # noqa: E731
     shipped = load_model(snap(args.ship))
     shape = noise_shape(shipped.unet)
-    meter = QualityMeter.for_model(shape)
+    meter = QualityMeter.for_model(shape, n_boot=args.n_boot)
     noise = initial_noise(args.samples, shape, args.seed)
     sampler = Schedule.teacher(shipped.scheduler_config).sampler
     feats = {}
@@ -132,7 +133,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    w = 100
+    w = max(1, min(100, len(losses)))
     smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
     a.plot(np.arange(len(losses)), losses, color="lightgray", lw=0.5, label="per step")
     a.plot(np.arange(w - 1, len(losses)), smooth, color="black", lw=1, label=f"mean of {w}")

@@ -383,3 +383,14 @@ def test_a_refused_training_rerun_names_the_setting_that_changed(tmp_path):
     with pytest.raises(FlexdiffError, match=r"--lr 0.001 then, 0.002 now"):
         train(build_default_unet(0), images, tmp_path / "run", TrainConfig(steps=1, batch_size=2, warmup=1, lr=2e-3),
               labels=labels)
+
+
+def test_a_named_model_that_is_not_shipped_is_one_clear_error(tmp_path, monkeypatch):
+    from flexdiff.errors import FlexdiffError
+    from flexdiff.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    if (load_model.__globals__["default_transformer_dir"]()).exists():
+        pytest.skip("the transformer default ships in this version")
+    with pytest.raises(FlexdiffError, match="default-transformer: not shipped"):
+        load_model("default-transformer")

@@ -106,3 +106,4 @@ def test_searched_schedules_meet_every_hook_that_spent_at_least_their_macs():
     assert sorted(peers) == ["euler-3", "fbc high", "fbc low", "pab cheap"]
     assert all(c["verdict"] in ("better", "worse", "tie", "better headline, worse class mix") for c in pairs)
     assert "fora" not in peers  # a static cache over the budget is not a hook: compared only within the budget
+

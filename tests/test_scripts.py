@@ -36,3 +36,29 @@ def test_transformer_cost_runs_in_tiny_mode(tmp_path):
     for row in data["costs"]:
         assert row["partial"] and all(0 < p["macs"] < row["full"] for p in row["partial"])
     assert "FluxTransformer2DModel" in (tmp_path / "transformer_cost.md").read_text()
+
+
+def test_convergence_check_runs_on_a_flow_transformer_run(tmp_path):
+    """The model card's check on a training run's snapshots: a flow model gets its own teacher (flow Euler) and the
+    step ladder; two random-weight snapshots stand in for a run."""
+    import json
+
+    from flexdiff.models import DEFAULT_LABEL_TOKENS, build_default_transformer, save_model
+    from flexdiff.samplers import FLOW_SCHEDULER_CONFIG
+
+    run = tmp_path / "run"
+    for step, seed in ((2, 0), (3, 1)):
+        save_model(build_default_transformer(seed=seed), dict(FLOW_SCHEDULER_CONFIG),
+                   run / "snapshots" / f"step-{step:06d}", DEFAULT_LABEL_TOKENS)
+    (run / "losses.json").write_text(json.dumps([0.5, 0.4, 0.3]))
+    (run / "training_summary.json").write_text(json.dumps({"wall_time_s": 1.0}))
+    out = tmp_path / "check"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convergence.py"), "--run", str(run), "--ship", "2",
+                        "--extended", "3", "--samples", "24", "--curve-samples", "12", "--n-boot", "10", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "convergence.json").read_text())
+    assert set(result["ladder"]) == {"5", "10", "20"}
+    assert {"teacher_better_than_its_20_step_run", "step_ladder_improves"} <= set(result["checks"])
+    assert result["converged"] == all(result["checks"].values())
+    assert "flow-euler-100" in (out / "convergence.md").read_text()

@@ -153,8 +153,8 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
     elif not Path(path).exists() and str(path) in NAMED_MODELS:
         path = NAMED_MODELS[str(path)]()
         if not path.exists():
-            raise FlexdiffError(f"{option} {path.name}: this installation lacks the shipped model (its folder {path} "
-                                "is missing); reinstall flexdiff or pass a model folder")
+            raise FlexdiffError(f"{option} {path.name}: not shipped in this version of flexdiff (no folder {path}); "
+                                "pass a model folder")
     path = Path(path)
     if not path.exists():
         raise FlexdiffError(f"{option} {path}: no such file or folder")

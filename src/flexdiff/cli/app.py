@@ -42,9 +42,8 @@ def _root() -> None:
 ModelOpt = typer.Option(
     None,
     "--model",
-    help="A local diffusers model folder or pipeline folder (a UNet, or a DiT / PixArt / SD3 / FLUX transformer), or "
-    "'default-transformer' (the digits transformer shipped with flexdiff). Default: the digits UNet shipped with "
-    "flexdiff.",
+    help="A local diffusers model folder or pipeline folder (a UNet, or a DiT / PixArt / SD3 / FLUX transformer). "
+    "Default: the digits UNet shipped with flexdiff.",
 )
 
 

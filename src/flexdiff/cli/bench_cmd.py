@@ -57,7 +57,7 @@ def bench(
     expert_final_steps: Optional[int] = typer.Option(None, "--expert-final-steps", min=1, help="Fine-tuning steps per extracted expert (default 1200); the baselines get as many."),
     expert_budget_kind: Optional[str] = typer.Option(None, "--expert-budget-kind", help="What the expert budgets count: macs (default) or latency (measured once on this machine)."),
     composed: Optional[str] = typer.Option(None, "--composed", help="Search a schedule over each mixture at these speed-ups against the original teacher (e.g. 20), or 'none'."),
-    hooks: Optional[str] = typer.Option(None, "--hooks", help="Transformers: diffusers' cache hooks as peers, KIND:SETTING items (fbc:THRESHOLD, taylorseer:INTERVAL, magcache:THRESHOLD, pab:SKIP, fastercache:SKIP), or 'none'. Preset transformer: eight."),
+    hooks: Optional[str] = typer.Option(None, "--hooks", help="Transformers: diffusers' cache hooks as peers, KIND:SETTING items (fbc:THRESHOLD, taylorseer:INTERVAL, magcache:THRESHOLD, pab:SKIP, fastercache:SKIP), or 'none'. Preset transformer: ten (two per hook; docs/bench.md)."),
     hook_steps: Optional[int] = typer.Option(None, "--hook-steps", min=2, help="Steps of the plain sampler the hooks run over (preset transformer: 50)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Standard FID with pytorch-fid weights from this file."),
     real_data: Optional[Path] = typer.Option(None, "--real-data", help="Folder of real images (default: the digits)."),
