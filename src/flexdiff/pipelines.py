@@ -65,6 +65,12 @@ class PipelineParts:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # flexdiff's own bars say what runs; an error stays one line
+        try:  # transformers 5 draws a bar of its own while it loads the text encoders' weights
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+        except ImportError:
+            pass
         try:
             slot = "transformer" if "transformer" in index else "unet"
             extra.update({k: None for k, v in index.items() if v == [None, None]})  # saved without (SD3's T5)
