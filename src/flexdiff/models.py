@@ -151,9 +151,9 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
     if path is None:
         path = default_model_dir()
     elif not Path(path).exists() and str(path) in NAMED_MODELS:
-        path = NAMED_MODELS[str(path)]()
+        name, path = str(path), NAMED_MODELS[str(path)]()
         if not path.exists():
-            raise FlexdiffError(f"{option} {path.name}: not shipped in this version of flexdiff (no folder {path}); "
+            raise FlexdiffError(f"{option} {name}: not shipped in this version of flexdiff (no folder {path}); "
                                 "pass a model folder")
     path = Path(path)
     if not path.exists():

@@ -78,7 +78,9 @@ def proxy_study(model: LoadedModel, meter: QualityMeter, out_dir: Path, candidat
     teacher = Schedule.teacher(model.scheduler_config, 100)
     teacher_macs = costs.schedule_macs(teacher)
     schedules = schedules or spread_candidates(space, costs, teacher_macs, candidates, seed)
-    proxy = Fitness(model, meter, teacher, "rfid", eval_samples, seed + 10_000, out_dir, progress=progress)
+    # the raw proxies are what is studied here: no class-mix guard on top (docs/metrics.md)
+    proxy = Fitness(model, meter, teacher, "rfid", eval_samples, seed + 10_000, out_dir, progress=progress,
+                    class_guard=False)
     big_noise = initial_noise(fid_samples, noise_shape(model.unet), seed)
     task = progress.add_task("proxy study", total=len(schedules)) if progress else None
     rows = []
