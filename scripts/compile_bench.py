@@ -119,8 +119,9 @@ def main() -> None:
     peers = [HookPeer(k, s, args.hook_steps, base) for k, s in parse_hook_peers(args.hooks)] if args.hooks else []
     for peer in peers:
         first = cond.rows(0, args.batch) if cond is not None else None
-        ratios = calibrate_magcache(model, config, peer, noise[:args.batch], first) if peer.kind == "magcache" else None
         try:
+            ratios = calibrate_magcache(model, config, peer, noise[:args.batch], first) if peer.kind == "magcache" \
+                else None
             hooked = _hooked_copy(model, peer, ratios)
             with FlopCounterMode(display=False) as counter:
                 _reset(hooked)

@@ -133,8 +133,8 @@ PRESETS = {
     "search": BenchConfig(samples=2000, ddim_steps=(4, 6, 12, 50), dpm_steps=(4, 6, 12, 20), unipc_steps=(4, 6, 12),
                           deepcache_intervals=(2, 3, 5), deepcache_branches=(0,), deepcache_nonuniform=(),
                           deepcache_dpm_steps=(20, 25), search_budgets=(1 / 8, 1 / 16, 1 / 25)),
-    # the transformer table (`make bench`'s second): on the default transformer, a 50-step flow-Euler teacher (what
-    # FLUX and SD3 pipelines run by default is 28-50), flow solvers at the step counts the budgets allow, FORA-style
+    # the transformer table (docs/bench.md; `make bench`'s second once the transformer default ships): a 50-step
+    # flow-Euler teacher (what FLUX and SD3 pipelines run by default is 28-50), flow solvers at the step counts the budgets allow, FORA-style
     # caches (over the teacher and over shorter runs, which alone reach the budgets) and Δ-DiT-style ones, diffusers'
     # five cache hooks on the teacher's run at settings near the budgets, and the searches at 1/4, 1/8 and 1/16
     "transformer": BenchConfig(samples=500, teacher_steps=50, ddim_steps=(3, 6, 12, 25), dpm_steps=(3, 6, 12),

@@ -40,14 +40,24 @@ def mixture_comparisons(runs, feats_by_name: dict, meter: QualityMeter) -> list[
     """Each mixture (alone, on the teacher's sampler) against each baseline, paired on the same noise."""
     mixtures = [m for m, *_ in runs if m.family == "experts"]
     baselines = [m for m, *_ in runs if m.family in ("experts-uniform", "diff-pruning")]
-    out = []
-    for a in mixtures:
-        for b in baselines:
-            fa, fb = feats_by_name[a.name], feats_by_name[b.name]
-            diff, tv = meter.paired(fa, fb), meter.paired_class_tv(fa, fb)
-            out.append(dict(mixture=a.name, baseline=b.name, metric=meter.headline, difference=diff.to_dict(),
-                            class_tv_difference=None if tv is None else tv.to_dict(), verdict=verdict(diff, tv)))
-    return out
+    return [dict(mixture=a.name, baseline=b.name, **_paired(meter, feats_by_name[a.name], feats_by_name[b.name]))
+            for a in mixtures for b in baselines]
+
+
+def _paired(meter: QualityMeter, a, b) -> dict:
+    """A − B on the same noise: the headline and the class mix, and the verdict of docs/metrics.md's rule."""
+    diff, tv = meter.paired(a, b), meter.paired_class_tv(a, b)
+    return dict(metric=meter.headline, difference=diff.to_dict(),
+                class_tv_difference=None if tv is None else tv.to_dict(), verdict=verdict(diff, tv))
+
+
+def _best_by_family(peers, quality: dict[str, float]) -> dict[str, object]:
+    """Each family's best method (lowest headline `quality`) among `peers`."""
+    best: dict[str, object] = {}
+    for p in peers:
+        if p.family not in best or quality[p.name] < quality[best[p.family].name]:
+            best[p.family] = p
+    return best
 
 
 # the peers a searched schedule must beat: the solvers, DeepCache and the other search
@@ -68,25 +78,17 @@ def search_comparisons(runs, feats_by_name: dict, meter: QualityMeter, macs: dic
         if m.family != "flexiffusion" or m.model is not None:
             continue
         limit = (m.schedule.meta.get("budget") or 1.0) * teacher_macs * (1 + 1e-9)
-        best: dict[str, object] = {}
-        for p, *_ in runs:
-            if p.family in PEER_FAMILIES and p.model is None and macs[p.name] <= limit:
-                if p.family not in best or quality[p.name] < quality[best[p.family].name]:
-                    best[p.family] = p
-        above: dict[str, object] = {}  # each hook's best setting among those that spent at least the schedule's MACs
-        for p, *_ in runs:
-            if p.family.startswith("hook-") and p.model is None and macs[p.name] >= macs[m.name] * (1 - 1e-9):
-                if p.family not in above or quality[p.name] < quality[above[p.family].name]:
-                    above[p.family] = p
+        peers = [p for p, *_ in runs if p.model is None]
+        best = _best_by_family([p for p in peers if p.family in PEER_FAMILIES and macs[p.name] <= limit], quality)
+        # each hook's best setting among those that spent at least the schedule's MACs
+        above = _best_by_family([p for p in peers if p.family.startswith("hook-")
+                                 and macs[p.name] >= macs[m.name] * (1 - 1e-9)], quality)
         pairs = [(family, best[family]) for family in PEER_FAMILIES if family in best]
         pairs += [(f, p) for f, p in above.items() if all(p is not q for _, q in pairs)]
         for family, p in pairs:
-            a, b = feats_by_name[m.name], feats_by_name[p.name]
-            diff, tv = meter.paired(a, b), meter.paired_class_tv(a, b)
             out.append(dict(schedule=m.name, peer=p.name, peer_family=family, peer_macs=macs[p.name],
-                            budget=m.schedule.meta.get("budget"), metric=meter.headline,
-                            difference=diff.to_dict(), class_tv_difference=None if tv is None else tv.to_dict(),
-                            verdict=verdict(diff, tv)))
+                            budget=m.schedule.meta.get("budget"),
+                            **_paired(meter, feats_by_name[m.name], feats_by_name[p.name])))
     return out
 
 

@@ -153,12 +153,13 @@ def paired_fid_difference(x: np.ndarray, teacher: np.ndarray, ref: np.ndarray, n
 def class_histogram_tv(labels: np.ndarray, shares: np.ndarray, n_boot: int = 200, level: float = 0.95,
                        seed: int = 0) -> Estimate:
     """Total variation between the samples' class histogram and the reference's shares (0: same mix)."""
-    def tv(lab):
-        return 0.5 * float(np.abs(np.bincount(lab, minlength=len(shares)) / len(lab) - shares).sum())
-
     rng = np.random.default_rng(seed)
-    boots = [tv(labels[rng.integers(0, len(labels), len(labels))]) for _ in range(n_boot)]
-    return _interval(tv(labels), boots, level)
+    boots = [_class_tv(labels[rng.integers(0, len(labels), len(labels))], shares) for _ in range(n_boot)]
+    return _interval(_class_tv(labels, shares), boots, level)
+
+
+def _class_tv(labels: np.ndarray, shares: np.ndarray) -> float:
+    return 0.5 * float(np.abs(np.bincount(labels, minlength=len(shares)) / len(labels) - shares).sum())
 
 
 def paired_class_tv_difference(labels: np.ndarray, other: np.ndarray, shares: np.ndarray, n_boot: int = 200,
@@ -168,16 +169,12 @@ def paired_class_tv_difference(labels: np.ndarray, other: np.ndarray, shares: np
     has the closer class mix)."""
     if len(labels) != len(other):
         raise ValueError(f"paired class mixes need the same noise: {len(labels)} vs {len(other)} samples")
-
-    def tv(lab):
-        return 0.5 * float(np.abs(np.bincount(lab, minlength=len(shares)) / len(lab) - shares).sum())
-
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
         idx = rng.integers(0, len(labels), len(labels))
-        boots.append(tv(labels[idx]) - tv(other[idx]))
-    return _interval(tv(labels) - tv(other), boots, level)
+        boots.append(_class_tv(labels[idx], shares) - _class_tv(other[idx], shares))
+    return _interval(_class_tv(labels, shares) - _class_tv(other, shares), boots, level)
 
 
 def relative_fid(x: np.ndarray, teacher: np.ndarray, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> Estimate:
