@@ -133,3 +133,25 @@ def test_headline_metric_invariants():
     assert scores[0] < blurred[0] < blurred[1] < blurred[2]
     degraded = meter.report(meter.features(add_noise(test, 0.1)), f, kid=False)
     assert degraded["cbfd_minus_teacher"].lo > 0  # the paired difference resolves it
+
+
+def test_prepared_reference_distance_equals_frechet_distance_even_when_singular():
+    """The bench's cached reference side (a PSD square root) gives the same distance as the direct formula, also
+    for covariances of fewer samples than features, where no Cholesky factor exists."""
+    from flexdiff.metrics.fid import _Side
+
+    for n_a, n_b in ((300, 300), (20, 300), (20, 25)):
+        a, b = _gauss(n_a, seed=1), _gauss(n_b, seed=2) * 1.3 + 0.2
+        direct = frechet_distance(*_stats(a), *_stats(b))
+        assert _Side.of(*_stats(b)).distance(*_stats(a)) == pytest.approx(direct, rel=1e-6, abs=1e-8)
+
+
+def test_interval_and_paired_difference_share_their_bootstrap_rounds():
+    """A set's distance in each round is the same whether it feeds its own interval or a paired difference, so
+    the paired difference of a set with itself is exactly 0 ± 0 and equals the difference of the two intervals'
+    point values."""
+    ref, x, t = _gauss(800, seed=3), _gauss(200, shift=0.2, seed=4), _gauss(200, seed=5)
+    d = paired_fid_difference(x, t, ref, n_boot=30)
+    assert d.value == pytest.approx(fid_with_ci(x, ref, n_boot=30).value - fid_with_ci(t, ref, n_boot=30).value)
+    same = paired_fid_difference(x, x, ref, n_boot=30)
+    assert (same.value, same.lo, same.hi) == (0.0, 0.0, 0.0)

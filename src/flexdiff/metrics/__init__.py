@@ -11,11 +11,11 @@ import torch
 from ..errors import FlexdiffError
 from .fid import (
     Estimate,
+    _reference_rounds,
     _stats,
     class_histogram_tv,
     class_weights,
     fid_with_ci,
-    frechet_distance,
     kid_with_ci,
     paired_class_tv_difference,
     paired_fid_difference,
@@ -153,7 +153,7 @@ class QualityMeter:
         """The headline metric's point value (no interval): for search fitness."""
         labels = self.labels(feats)
         w = class_weights(labels, self.shares) if labels is not None else None
-        return frechet_distance(*_stats(self.standardised(feats), w), *_stats(self.standardised(self.reference)))
+        return _reference_rounds(self.standardised(self.reference), 0, 0)[0].distance(*_stats(self.standardised(feats), w))
 
     def report(self, feats: np.ndarray, teacher: np.ndarray | None = None, kid: bool = True) -> dict[str, Estimate]:
         """The headline and FID/KID against the real data; with the teacher's features (same noise,
