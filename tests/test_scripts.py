@@ -62,3 +62,31 @@ def test_convergence_check_runs_on_a_flow_transformer_run(tmp_path):
     assert {"teacher_better_than_its_20_step_run", "step_ladder_improves"} <= set(result["checks"])
     assert result["converged"] == all(result["checks"].values())
     assert "flow-euler-100" in (out / "convergence.md").read_text()
+
+
+def test_hook_reach_counts_each_hook_setting_on_a_transformer(tmp_path):
+    """The reach table's command: each hook setting's counted MACs fraction on a (random-weight) FLUX-shaped model;
+    a grid entry out of range is one line and a nonzero exit before any sampling."""
+    import json
+
+    from flexdiff.models import DEFAULT_LABEL_TOKENS, build_default_transformer, save_model
+    from flexdiff.samplers import FLOW_SCHEDULER_CONFIG
+
+    model = tmp_path / "model"
+    save_model(build_default_transformer(seed=0), dict(FLOW_SCHEDULER_CONFIG), model, DEFAULT_LABEL_TOKENS)
+    script = str(ROOT / "scripts" / "hook_reach.py")
+    out = tmp_path / "reach"
+    r = subprocess.run([sys.executable, script, "--model", str(model), "--grid", "fbc:0.5;taylorseer:3",
+                        "--samples", "4", "--batch-size", "2", "--steps", "6", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((out / "hook_reach.json").read_text())["rows"]
+    assert [(row["hook"], row["setting"]) for row in rows] == [("fbc", 0.5), ("taylorseer", 3)]
+    for row in rows:
+        assert 0 < row["fraction_min"] <= row["fraction"] <= row["fraction_max"] <= 1.0 + 1e-9
+        assert row["speedup"] == 1 / row["fraction"]
+    assert rows[1]["fraction"] < 0.9  # TaylorSeer (lite) at interval 3 skips most blocks of most calls
+    assert "FirstBlockCache" in (out / "hook_reach.md").read_text()
+    bad = subprocess.run([sys.executable, script, "--model", str(model), "--grid", "fbc:1.5", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "FirstBlockCache threshold 1.5" in bad.stderr and len(bad.stderr.splitlines()) == 1
