@@ -2,7 +2,7 @@
 ran (flexdiff.bench.peers, the bench's own runner), so the bench's hook settings can be chosen near its budgets.
 
     .venv/bin/python scripts/hook_reach.py --model default-transformer --out runs/hook-reach
-    .venv/bin/python scripts/hook_reach.py --model runs/default-transformer --grid "fbc:0.1,0.3;magcache:0.3"
+    .venv/bin/python scripts/hook_reach.py --model runs/default-transformer --grid "fbc:0.1,fbc:0.3,magcache:0.3"
 
 Writes hook_reach.json and hook_reach.md: per hook and setting, the fraction of the plain run's MACs (flow Euler
 over `--steps`, every call full) that ran, its spread over batches, and the speed-up. A hook that cannot run on the
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from flexdiff.anatomy import noise_shape
-from flexdiff.bench.peers import PEER_KINDS, HookPeer, PeerRunner, check_peer
+from flexdiff.bench.methods import parse_hook_peers
+from flexdiff.bench.peers import PEER_KINDS, HookPeer, PeerRunner
 from flexdiff.cost import measure_step_costs
 from flexdiff.errors import FlexdiffError
 from flexdiff.io import write_json, write_text
@@ -25,33 +26,15 @@ from flexdiff.models import load_model
 from flexdiff.sampling import initial_noise, null_conditioning
 
 # the settings of docs/bench.md's reach table
-DEFAULT_GRID = "fbc:0.05,0.1,0.2,0.3,0.5;taylorseer:4,8,16;magcache:0.1,0.3,0.6;pab:2,4,8;fastercache:2,4,8"
-
-
-def parse_grid(text: str) -> list[tuple[str, float]]:
-    """"kind:v1,v2;kind:v3" -> [(kind, v1), (kind, v2), (kind, v3)], each checked as the bench checks it."""
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        kind, _, values = part.partition(":")
-        if kind not in PEER_KINDS or not values:
-            raise FlexdiffError(f"--grid {part!r}: expected KIND:V1,V2 with KIND one of {', '.join(PEER_KINDS)}")
-        for v in values.split(","):
-            try:
-                value = float(v)
-            except ValueError:
-                raise FlexdiffError(f"--grid {part!r}: {v!r} is not a number") from None
-            value = int(value) if PEER_KINDS[kind][2][2] and value.is_integer() else value
-            check_peer(kind, value)
-            out.append((kind, value))
-    if not out:
-        raise FlexdiffError("--grid: no hook settings given")
-    return out
+DEFAULT_GRID = ",".join([f"fbc:{v}" for v in (0.05, 0.1, 0.2, 0.3, 0.5)] + [f"taylorseer:{v}" for v in (4, 8, 16)]
+                        + [f"magcache:{v}" for v in (0.1, 0.3, 0.6)] + [f"pab:{v}" for v in (2, 4, 8)]
+                        + [f"fastercache:{v}" for v in (2, 4, 8)])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="a model folder or a named model (default-transformer)")
-    ap.add_argument("--grid", default=DEFAULT_GRID, help="KIND:V1,V2;KIND:V3 (default: the docs' table)")
+    ap.add_argument("--grid", default=DEFAULT_GRID, help="KIND:SETTING,... as the bench's --hooks (default: the docs' table)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=50)
@@ -60,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/hook-reach"))
     args = ap.parse_args()
     try:
-        grid = parse_grid(args.grid)
+        grid = parse_hook_peers(args.grid, "--grid")
         model = load_model(args.model)
     except FlexdiffError as e:
         raise SystemExit(f"error: {e}") from None

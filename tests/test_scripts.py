@@ -76,12 +76,12 @@ def test_hook_reach_counts_each_hook_setting_on_a_transformer(tmp_path):
     save_model(build_default_transformer(seed=0), dict(FLOW_SCHEDULER_CONFIG), model, DEFAULT_LABEL_TOKENS)
     script = str(ROOT / "scripts" / "hook_reach.py")
     out = tmp_path / "reach"
-    r = subprocess.run([sys.executable, script, "--model", str(model), "--grid", "fbc:0.5;taylorseer:3",
+    r = subprocess.run([sys.executable, script, "--model", str(model), "--grid", "fbc:0.5,taylorseer:3",
                         "--samples", "4", "--batch-size", "2", "--steps", "6", "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((out / "hook_reach.json").read_text())["rows"]
-    assert [(row["hook"], row["setting"]) for row in rows] == [("fbc", 0.5), ("taylorseer", 3)]
+    assert [(row["hook"], row["setting"]) for row in rows] == [("fbc", 0.5), ("taylorseer", 3.0)]
     for row in rows:
         assert 0 < row["fraction_min"] <= row["fraction"] <= row["fraction_max"] <= 1.0 + 1e-9
         assert row["speedup"] == 1 / row["fraction"]
