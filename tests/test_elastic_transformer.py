@@ -23,8 +23,8 @@ def scored():
     model = build_default_transformer(seed=0).eval()
     elastic = ElasticTransformer(model)
     g = torch.Generator().manual_seed(1)
-    elastic.set_scores({n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()},
-                       block_scores=[float(v) for v in torch.rand(elastic.num_blocks, generator=g)])
+    elastic.apply_importance({n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()},
+                             probe_losses=[float(v) for v in torch.rand(elastic.num_blocks, generator=g)])
     return elastic
 
 
@@ -79,19 +79,40 @@ def test_gradients_of_a_sub_network_reach_only_the_kept_slices_of_the_full_weigh
     assert not q[:, 48:].any()
 
 
-def test_the_most_important_heads_blocks_and_units_are_kept():
-    model = build_default_transformer(seed=0)
+def test_importance_reorders_without_changing_the_function_and_slicing_keeps_the_most_important():
+    model = build_default_transformer(seed=0).eval()
     elastic = ElasticTransformer(model)
+    kw = _inputs()
+    with torch.no_grad():
+        before = model(**kw).sample
+    full_q = model.transformer_blocks[0].attn.to_q.weight.detach().clone()
+    full_mlp = model.single_transformer_blocks[0].proj_mlp.weight.detach().clone()
     grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     grads["transformer_blocks.0.attn.to_q.weight"][48:72] = 1.0  # head 2 is the important one
     grads["x_embedder.weight"][[5, 90]] = 1.0  # residual channels 5 and 90
-    elastic.set_scores(grads, block_scores=[8, 7, 6, 5, 4, 3, 2, 1])  # the last blocks matter least
+    grads["single_transformer_blocks.0.proj_mlp.weight"][300] = 1.0  # one hidden unit of one MLP
+    elastic.apply_importance(grads, probe_losses=[8, 7, 6, 5, 4, 3, 2, 1])  # the last blocks cost least to drop
+    with torch.no_grad():
+        assert torch.allclose(model(**kw).sample, before, atol=1e-5)  # only permuted
     assert elastic.drop_order[0] == 7 and elastic.depth_options()[1] == (1, 1, 1, 1, 1, 1, 1, 0)
     state = elastic.sub_state(SubnetSpec((24,), elastic.full.depths))
-    full_q = model.transformer_blocks[0].attn.to_q.weight
-    kept_residual = torch.sort(torch.argsort(-elastic.scores["R"], stable=True)[:24]).values
-    assert {5, 90} <= set(kept_residual.tolist())
-    assert torch.equal(state["transformer_blocks.0.attn.to_q.weight"], full_q[48:72][:, kept_residual])
+    q = state["transformer_blocks.0.attn.to_q.weight"]  # one head kept: head 2, over residual channels 5 and 90 first
+    assert torch.equal(q[:, :2], full_q[48:72][:, [5, 90]])
+    assert torch.equal(state["single_transformer_blocks.0.proj_mlp.weight"][0, :2], full_mlp[300, [5, 90]])
+    rebuilt = ElasticTransformer(build_default_transformer(seed=0))
+    rebuilt.load_extra_state(elastic.extra_state())
+    assert rebuilt.drop_order == elastic.drop_order
+    with pytest.raises(FlexdiffError, match="not a permutation of the 8 blocks"):
+        rebuilt.load_extra_state({"drop_order": [0, 0, 1]})
+
+
+def test_each_probe_drops_one_block():
+    elastic = ElasticTransformer(build_default_transformer(seed=0).eval())
+    probes = elastic.probe_specs()
+    assert [p.depths.index(0) for p in probes] == list(range(8)) and all(sum(p.depths) == 7 for p in probes)
+    with torch.no_grad():
+        out = elastic.probe(probes[0], (), _inputs())  # the first dual block alone dropped: outside the options
+    assert out.sample.shape == (2, 64, 4)
 
 
 def test_bad_settings_are_refused_with_the_accepted_values():
@@ -103,7 +124,7 @@ def test_bad_settings_are_refused_with_the_accepted_values():
     with pytest.raises(FlexdiffError, match="one keep flag per block"):
         elastic.validate(SubnetSpec((96,), (0, 0, 1, 1, 1, 1, 1, 1)))  # FLUX's dual stack may not be emptied
     with pytest.raises(FlexdiffError, match="block scores: 3 given, the model has 8 blocks"):
-        elastic.set_scores({}, block_scores=[1.0, 2.0, 3.0])
+        elastic.apply_importance({}, probe_losses=[1.0, 2.0, 3.0])
     from diffusers import UNet2DModel
 
     with pytest.raises(FlexdiffError, match="UNet2DModel: elastic transformer experts support FluxTransformer2DModel"):
@@ -122,3 +143,53 @@ def test_the_space_of_sub_networks():
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         elastic.validate(elastic.random_spec(gen))
+
+
+def test_the_experts_pipeline_on_a_flux_transformer_end_to_end(tmp_path):
+    """Intervals, elastic experts (flow matching, label tokens), the agent, extraction and fine-tuning: a mixture
+    folder of stock FLUX transformers that loads, routes by the scheduler's timestep and samples; each expert loads
+    alone with from_pretrained; a swapped expert is refused."""
+    import json
+    import shutil
+
+    from flexdiff.experts.pipeline import ExpertsConfig, ExpertsPipeline
+    from flexdiff.mixture import Mixture
+    from flexdiff.models import DEFAULT_LABEL_TOKENS, load_model, save_model
+    from flexdiff.samplers import FLOW_SCHEDULER_CONFIG
+    from flexdiff.sampling import initial_noise, sample
+    from flexdiff.schedule import Schedule
+
+    save_model(build_default_transformer(seed=0), dict(FLOW_SCHEDULER_CONFIG), tmp_path / "model", DEFAULT_LABEL_TOKENS)
+    model = load_model(tmp_path / "model")
+    cfg = ExpertsConfig(k=2, sim_timesteps=6, sim_images=16, importance_batches=1, elastic_steps=2, agent_steps=2,
+                        final_steps=2, batch_size=8, budget=0.6, num_steps=20, sampler="flow-euler")
+    out = ExpertsPipeline(model, tmp_path / "exp", cfg).run()
+    man = json.loads((out / "mixture.json").read_text())
+    assert man["model_class"] == "FluxTransformer2DModel" and man["fraction_of_teacher"] <= 0.6 + 1e-9
+    summaries = [json.loads((tmp_path / "exp" / "elastic" / f"expert_{k}" / "summary.json").read_text()) for k in (0, 1)]
+    assert all(sorted(s["elastic"]["drop_order"]) == list(range(8)) for s in summaries)  # each its own scored order
+    mix = load_model(out)
+    assert isinstance(mix.unet, Mixture) and mix.unet.experts[0].flexdiff_label_tokens == DEFAULT_LABEL_TOKENS
+    for e, spec in zip(mix.unet.experts, man["experts"]):
+        assert e.config.num_attention_heads * 24 == spec["spec"]["widths"][0]
+        assert e.config.num_layers + e.config.num_single_layers == sum(spec["spec"]["depths"])
+        alone = FluxTransformer2DModel.from_pretrained(out / spec["folder"])
+        assert sum(p.numel() for p in alone.parameters()) == spec["parameters"]
+    kw = _inputs()
+    lo, hi = mix.unet.intervals.bounds()[1]
+    kw["timestep"] = torch.full((2,), (lo + hi) / 2 / 1000)  # FLUX is called at t / 1000: routed at t
+    with torch.no_grad():
+        assert torch.equal(mix.unet(**kw).sample, mix.unet.experts[1](**kw).sample)
+        kw["timestep"] = torch.tensor([lo / 2 / 1000, (lo + hi) / 2 / 1000])  # one row in each interval
+        both = mix.unet(**kw).sample
+        first = {k: (v[:1] if k not in ("img_ids", "txt_ids") else v) for k, v in kw.items()}
+        assert torch.allclose(both[:1], mix.unet.experts[0](**first).sample, atol=1e-6)
+    images = sample(mix.unet, mix.scheduler_config, Schedule.full("flow-euler", 20), initial_noise(2, (1, 16, 16), 0)).images
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    swapped = tmp_path / "swapped"
+    shutil.copytree(out, swapped)
+    m = json.loads((swapped / "mixture.json").read_text())
+    m["experts"][0]["folder"], m["experts"][1]["folder"] = m["experts"][1]["folder"], m["experts"][0]["folder"]
+    (swapped / "mixture.json").write_text(json.dumps(m))
+    with pytest.raises(FlexdiffError, match="experts swapped or replaced"):  # its shape, or else its weights
+        load_model(swapped)

@@ -48,7 +48,7 @@ def _images(n=32):
 
 
 def _batches(sched_cfg, lo=0, hi=999, teacher=None):
-    return IntervalBatches(_images(), sched_cfg, lo, hi, teacher=teacher)
+    return IntervalBatches(_images(), sched_cfg, lo, hi, teacher=teacher, model=teacher or tiny_unet())
 
 
 def _states_equal(a, b):
@@ -77,7 +77,7 @@ def test_elastic_sandwich_training_resumes_and_trains_every_size(tmp_path, sched
 
     def fresh():
         e = ElasticUNet(tiny_unet())
-        e.reorder(taylor_importance(e, _batches(sched_cfg), num_batches=2, batch_size=4))
+        e.apply_importance(*taylor_importance(e, _batches(sched_cfg), num_batches=2, batch_size=4))
         return e
 
     a = fresh()

@@ -65,6 +65,13 @@ class UNetAnatomy:
     def branch_name(self, b: int) -> str:
         return f"skip depth <= {b}"
 
+    def feature_site(self):
+        """Where the deepest features are (the mid block, else the last down block), and how to read them from
+        its output: what the timestep-similarity measure compares."""
+        m = self.model
+        site = m.mid_block if getattr(m, "mid_block", None) is not None else m.down_blocks[-1]
+        return site, lambda out: out[0] if isinstance(out, tuple) else out
+
     @staticmethod
     def timestep(args, kwargs):
         """The timestep a UNet is called at: its second positional argument or `timestep`."""

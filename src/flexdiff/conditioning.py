@@ -41,6 +41,38 @@ class LabelTokens:
         return {"encoder_hidden_states": e[:, None, :], "pooled_projections": e}
 
 
+def read_label_tokens(model, folder) -> None:
+    """Attach what a folder's `label_tokens.json` says to a loaded transformer (its labels as one-hot tokens, and
+    for a FLUX-shaped one the latents' side, which FLUX's config lacks); nothing when the folder has none."""
+    from pathlib import Path
+
+    from .io import read_json_object
+
+    tokens_file = Path(folder) / LABEL_TOKENS_FILE
+    if not tokens_file.exists():
+        return
+    spec = read_json_object(tokens_file, "the label tokens")
+    model.flexdiff_label_tokens = LabelTokens(spec.get("classes"))
+    size = spec.get("sample_size")
+    if size is not None:  # a transformer whose config has no sample size (FLUX-shaped)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
+            raise FlexdiffError(f"{tokens_file}: sample_size is {size!r}; expected an even whole number >= 2")
+        model.flexdiff_latent_size = size
+    if model.flexdiff_label_tokens.classes != getattr(model.config, "joint_attention_dim", None):
+        raise FlexdiffError(f"{tokens_file}: classes is {model.flexdiff_label_tokens.classes}; the model's "
+                            f"joint_attention_dim is {getattr(model.config, 'joint_attention_dim', None)} "
+                            "(one-hot tokens need the two equal)")
+
+
+def label_tokens_record(model, tokens: LabelTokens | None = None) -> dict | None:
+    """What `label_tokens.json` holds for a model (None: it takes no label tokens)."""
+    tokens = tokens if tokens is not None else getattr(model, "flexdiff_label_tokens", None)
+    if tokens is None:
+        return None
+    size = getattr(model, "flexdiff_latent_size", None)
+    return {"classes": tokens.classes, **({"sample_size": size} if size else {})}
+
+
 @dataclass(frozen=True)
 class ClassSpec:
     """How a class-conditional denoiser takes its labels: `classes` real ones, the unconditional `null` index,
@@ -49,6 +81,10 @@ class ClassSpec:
     classes: int
     null: int
     tokens: LabelTokens | None = None
+
+    def kwargs(self, labels: torch.Tensor) -> dict:
+        """The model's inputs for `labels` (N,): label tokens for a transformer given them, else `class_labels`."""
+        return self.tokens.kwargs(labels) if self.tokens is not None else {"class_labels": labels}
 
 
 def class_spec(model) -> ClassSpec | None:

@@ -33,6 +33,45 @@ def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> t
     return (1 - s) * x0 + s * noise
 
 
+def predict(call, model, xt: torch.Tensor, t: torch.Tensor, kwargs: dict, **extra) -> torch.Tensor:
+    """The model's prediction at latents xt (N, C, H, W) and timesteps t, called as its anatomy `call` says (a UNet:
+    sample and timestep; FLUX: packed tokens, positions, t / 1000) with the conditioning `kwargs`; `extra` goes to
+    the model only (an elastic model's `spec`)."""
+    return call.call_output(model(**call.call_inputs(xt, t, kwargs), **kwargs, **extra).sample, xt)
+
+
+class Objective:
+    """What a denoiser learns at timestep t of `scheduler_config`'s process, and how it is called.
+
+    DDPM: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, target eps. Flow matching (a FlowMatch* scheduler): sigma = t / T,
+    x_sigma = (1 - sigma) x_0 + sigma eps, target the velocity eps - x_0 (the flow schedulers' timestep is sigma * T).
+    Timesteps are integers in [0, T) in both, so intervals of timesteps mean the same thing for either."""
+
+    def __init__(self, model, scheduler_config: dict):
+        from .anatomy import call_anatomy
+        from .samplers import is_flow, num_train_timesteps
+
+        self.flow, self.T = is_flow(scheduler_config), num_train_timesteps(scheduler_config)
+        self.alphas = None
+        if not self.flow:
+            from diffusers import DDPMScheduler
+
+            clean = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+            self.alphas = DDPMScheduler.from_config(clean).alphas_cumprod
+        self.call = call_anatomy(model)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.flow:
+            return flow_noised(x0, noise, t.to(x0.dtype) / self.T)
+        return noised(x0, noise, t, self.alphas.to(x0.device))
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise - x0 if self.flow else noise
+
+    def predict(self, model, xt: torch.Tensor, t: torch.Tensor, kwargs: dict, **extra) -> torch.Tensor:
+        return predict(self.call, model, xt, t.to(xt.dtype) if self.flow else t, kwargs, **extra)
+
+
 def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
     """Linear warm-up to `peak`, then cosine decay to `floor` x peak at the last step."""
     if step < warmup:

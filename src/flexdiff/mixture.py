@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
+from .conditioning import LABEL_TOKENS_FILE, label_tokens_record, read_label_tokens
 from .errors import FlexdiffError
 from .fingerprints import weights_fingerprint
 from .io import load_strict, read_json, read_json_object, write_json
 from .samplers import DEFAULT_SCHEDULER_CONFIG, check_scheduler_config
 from .schedule import StepKind
+from .transformer_anatomy import TIMESTEP_SCALE
 
 MANIFEST = "mixture.json"
 FORMAT = "flexdiff-mixture/1"
@@ -142,6 +144,21 @@ def full_spec(unet) -> SubnetSpec:
     return SubnetSpec(tuple(unet.config.block_out_channels), layers_per_stage(unet.config))
 
 
+def spec_mismatch(model, spec: SubnetSpec) -> str | None:
+    """How a saved expert differs from the sub-network its manifest entry names (None: it is that one). A UNet's
+    spec is its whole shape; a transformer's is its width (heads x head size) and one keep flag per block of the
+    model it was cut from, so the expert has as many blocks as flags set."""
+    cfg = model.config
+    if hasattr(cfg, "block_out_channels"):
+        have = full_spec(model)
+        return None if have == spec else f"widths {list(have.widths)} and depths {list(have.depths)}"
+    width = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
+    blocks = int(cfg.num_layers) + int(getattr(cfg, "num_single_layers", 0) or 0)
+    if (width,) == tuple(spec.widths) and blocks == sum(spec.depths):
+        return None
+    return f"width {width} and {blocks} blocks"
+
+
 def expert_for_step(kind: StepKind, timestep, current: int, intervals: "Intervals") -> int:
     """The routing rule, used by the engine when sampling and by the cost counter: a full step
     calls the expert of its timestep; partial and null steps stay with the last full step's
@@ -178,26 +195,33 @@ class Mixture(torch.nn.Module):
         """The expert index of every timestep in `timestep` (scalar or batch)."""
         return torch.from_numpy(self.intervals.indices(torch.as_tensor(timestep).detach().cpu().numpy()))
 
-    def forward(self, sample, timestep, *args, expert: int | None = None, **kwargs):
+    def forward(self, *args, expert: int | None = None, **kwargs):
+        """Called as its experts are: a UNet's (sample, timestep, ...), or a transformer's keywords (FLUX: the
+        timestep divided by 1,000, which routing scales back to the scheduler's timesteps)."""
         if expert is not None:
-            return self.experts[expert](sample, timestep, *args, **kwargs)
-        idx = self.route(timestep)
+            return self.experts[expert](*args, **kwargs)
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        idx = self.route(torch.as_tensor(timestep) * TIMESTEP_SCALE.get(type(self.experts[0]).__name__, 1.0))
         if idx.numel() == 1 or bool((idx == idx[0]).all()):
-            return self.experts[int(idx[0])](sample, timestep, *args, **kwargs)
+            return self.experts[int(idx[0])](*args, **kwargs)
         # a batch whose timesteps fall in several intervals (training, mostly): each part goes to its expert
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         t = torch.as_tensor(timestep).reshape(-1)
         out, kind = None, None
         for e in idx.unique().tolist():
             rows = (idx == e).nonzero().reshape(-1)
-            part_kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == sample.shape[:1] else v)
-                           for k, v in kwargs.items()}
-            res = self.experts[e](sample[rows], t[rows], *args, **part_kwargs)
+            part_kwargs = {k: (v[rows] if torch.is_tensor(v) and v.shape[:1] == sample.shape[:1]
+                               and k not in UNBATCHED else v) for k, v in kwargs.items()}
+            part_args = [sample[rows], t[rows], *args[2:]][:len(args)]  # keyword inputs: their rows are cut above
+            res = self.experts[e](*part_args, **part_kwargs)
             part = res.sample if hasattr(res, "sample") else res[0]
             if out is None:
                 out, kind = torch.empty((sample.shape[0], *part.shape[1:]), dtype=part.dtype), type(res)
             out[rows] = part
         return kind(sample=out) if hasattr(kind, "__dataclass_fields__") else (out,)
 
+
+UNBATCHED = ("img_ids", "txt_ids")  # FLUX's token positions: one row per token, not per image
 
 PIPELINE_DIR = "pipeline"  # a latent mixture's decoder and encoders, copied from the pipeline it was pruned from
 
@@ -216,6 +240,9 @@ def save_mixture(experts: list, intervals: Intervals, specs: list[SubnetSpec], s
         entries = []
         for k, (model, spec, (lo, hi)) in enumerate(zip(experts, specs, intervals.bounds())):
             model.save_pretrained(tmp / f"expert_{k}", safe_serialization=True)
+            tokens = label_tokens_record(model)  # a transformer given its labels as tokens keeps saying so
+            if tokens is not None:
+                write_json(tmp / f"expert_{k}" / LABEL_TOKENS_FILE, tokens)
             entries.append(dict(folder=f"expert_{k}", interval=[lo, hi], spec=spec.to_dict(),
                                 parameters=sum(p.numel() for p in model.parameters()),
                                 weights=weights_fingerprint(model)))  # checked on load: swapped experts are refused
@@ -261,7 +288,8 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
     unknown = sorted(set(man) - MANIFEST_FIELDS)
     if unknown:  # a typo must not pass unnoticed
         raise FlexdiffError(f"{man_file}: unknown field {unknown[0]!r}; accepted fields: {', '.join(sorted(MANIFEST_FIELDS))}")
-    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
+               "FluxTransformer2DModel": FluxTransformer2DModel}
     cls = classes.get(man.get("model_class"))
     if cls is None:
         raise FlexdiffError(f"{man_file}: model_class is {man.get('model_class')!r}; accepted: {', '.join(classes)}")
@@ -283,22 +311,24 @@ def load_mixture(path: Path) -> tuple[Mixture, dict]:
         if folder is None or folder == root or root not in folder.parents:
             raise FlexdiffError(f"{where}.folder {name!r}: must name a subfolder of the mixture folder")
         if not (folder / "config.json").exists() or not any(folder.glob("*.safetensors")):
-            raise FlexdiffError(f"{where}.folder {name!r} is not a saved UNet folder")
+            raise FlexdiffError(f"{where}.folder {name!r} is not a saved model folder")
         spec = SubnetSpec.from_dict(entry.get("spec") or {}, where=f"{where}.spec")
         if "interval" in entry and list(entry["interval"]) != list(intervals.bounds()[k]):
             raise FlexdiffError(f"{where}.interval {entry['interval']}: the intervals put expert {k} on "
                                 f"{list(intervals.bounds()[k])}")
         model = load_strict(cls, folder, f"{where}.folder {name!r}")
-        if full_spec(model) != spec:
-            raise FlexdiffError(f"{where}: the UNet in {name!r} has widths {list(full_spec(model).widths)} and depths "
-                                f"{list(full_spec(model).depths)}, the manifest says {spec.to_dict()} (experts swapped "
-                                "or replaced?)")
+        read_label_tokens(model, folder)
+        mismatch = spec_mismatch(model, spec)
+        if mismatch:
+            raise FlexdiffError(f"{where}: the model in {name!r} has {mismatch}, the manifest says {spec.to_dict()} "
+                                "(experts swapped or replaced?)")
         if "weights" in entry and weights_fingerprint(model) != entry["weights"]:
             raise FlexdiffError(f"{where}: the weights in {name!r} are not the ones this mixture was saved with "
                                 f"(fingerprint {weights_fingerprint(model)}, manifest {entry['weights']}): experts "
                                 "swapped or replaced?")
         experts.append(model.eval().requires_grad_(False))
-    shapes = {(e.config.in_channels, e.config.out_channels, e.config.sample_size) for e in experts}
+    shapes = {(e.config.in_channels, e.config.out_channels, getattr(e.config, "sample_size", None),
+               getattr(e, "flexdiff_latent_size", None)) for e in experts}
     if len(shapes) > 1:
         raise FlexdiffError(f"{man_file}: the experts disagree on (in_channels, out_channels, sample_size): {sorted(shapes)}")
     sched_file = path / "scheduler_config.json"

@@ -10,7 +10,7 @@ import diffusers
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
-from .conditioning import LABEL_TOKENS_FILE, LabelTokens, takes_text
+from .conditioning import LABEL_TOKENS_FILE, LabelTokens, label_tokens_record, read_label_tokens, takes_text
 from .errors import FlexdiffError
 from .io import load_strict, read_json_object
 from .mixture import experts_of, is_mixture_folder, load_mixture
@@ -220,19 +220,7 @@ def _load(path: Path | str | None, option: str) -> LoadedModel:
                             "(scheduler.save_config)")
     unet = load_strict(getattr(diffusers, cls_name), unet_dir, f"{option} {path}")
     unet.eval().requires_grad_(False)
-    tokens_file = unet_dir / LABEL_TOKENS_FILE
-    if tokens_file.exists():  # a transformer that takes class labels as one-hot tokens (the default transformer)
-        spec = read_json_object(tokens_file, "the label tokens")
-        unet.flexdiff_label_tokens = LabelTokens(spec.get("classes"))
-        size = spec.get("sample_size")
-        if size is not None:  # a transformer whose config has no sample size (FLUX-shaped)
-            if isinstance(size, bool) or not isinstance(size, int) or size < 2 or size % 2:
-                raise FlexdiffError(f"{tokens_file}: sample_size is {size!r}; expected an even whole number >= 2")
-            unet.flexdiff_latent_size = size
-        if unet.flexdiff_label_tokens.classes != getattr(unet.config, "joint_attention_dim", None):
-            raise FlexdiffError(f"{tokens_file}: classes is {unet.flexdiff_label_tokens.classes}; the model's "
-                                f"joint_attention_dim is {getattr(unet.config, 'joint_attention_dim', None)} "
-                                "(one-hot tokens need the two equal)")
+    read_label_tokens(unet, unet_dir)  # a transformer that takes class labels as one-hot tokens (the default one)
     sched = check_scheduler_config(read_json_object(sched_file, "the scheduler config"), sched_file) \
         if sched_file.exists() else dict(DEFAULT_SCHEDULER_CONFIG)
     index = pipeline_index(path)
@@ -265,6 +253,5 @@ def save_model(unet, scheduler_config: dict, out_dir: Path, tokens: LabelTokens 
     unet.save_pretrained(out_dir, safe_serialization=True)
     write_json(out_dir / "scheduler_config.json", scheduler_config)
     if tokens is not None:
-        size = getattr(unet, "flexdiff_latent_size", None)
-        write_json(out_dir / LABEL_TOKENS_FILE, {"classes": tokens.classes, **({"sample_size": size} if size else {})})
+        write_json(out_dir / LABEL_TOKENS_FILE, label_tokens_record(unet, tokens))
     return out_dir

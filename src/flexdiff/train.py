@@ -24,7 +24,7 @@ from .configs import Config
 from .devices import CPU_FLOAT32, autocast, runs_on, training_dtype
 from .errors import FlexdiffError
 from .fingerprints import data_fingerprint
-from .fit import Fit, flow_noised, noised, warmup_cosine
+from .fit import Fit, flow_noised, noised, predict, warmup_cosine
 from .io import write_json
 from .models import UNet2DModel, save_model
 from .samplers import DEFAULT_SCHEDULER_CONFIG, is_flow, num_train_timesteps
@@ -81,7 +81,7 @@ def null_label(unet, tokens: LabelTokens | None = None) -> int | None:
 def _predict(model, call, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, tokens: LabelTokens | None):
     """The model's prediction at xt, called as its anatomy `call` says (FLUX: packed latents, t / 1000)."""
     kwargs = {} if y is None else tokens.kwargs(y) if tokens is not None else {"class_labels": y}
-    return call.call_output(model(**call.call_inputs(xt, t, kwargs), **kwargs).sample, xt)
+    return predict(call, model, xt, t, kwargs)
 
 
 def debiased_ema(ema, init: dict[str, torch.Tensor], decay: float, step: int):

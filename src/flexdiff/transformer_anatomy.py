@@ -95,6 +95,15 @@ class TransformerAnatomy:
         f, b = self.branches[branch]
         return f, self.depth - b
 
+    def feature_site(self):
+        """The middle block and how to read its image tokens from its output: the features the timestep-similarity
+        measure compares."""
+        block = self.blocks[self.depth // 2]
+        meta = _block_metadata(block)
+        if not isinstance(getattr(meta, "return_hidden_states_index", None), int):
+            return block, lambda out: out[0] if isinstance(out, tuple) else out
+        return block, lambda out: out[meta.return_hidden_states_index] if isinstance(out, tuple) else out
+
     def timestep(self, args, kwargs):
         """The scheduler timestep a call is made at (FLUX's pipeline passes it divided by 1,000)."""
         t = kwargs["timestep"] if "timestep" in kwargs else args[self._timestep_index]

@@ -164,10 +164,18 @@ def check_budget(space: SpecSpace, served: list[int], budget: float, teacher_mac
         )
 
 
-def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], space: SpecSpace, served: list[int],
+def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], space: SpecSpace | list[SpecSpace],
+                served: list[int],
                 budget: float, out_dir: Path, cfg: AgentConfig = AgentConfig(), progress=None,
                 cost_kind: str = "MACs") -> dict:
-    """Train the agent, choose the specs, write `choice.json` and `agent.png`; resumable via `agent.pt`."""
+    """Train the agent, choose the specs, write `choice.json` and `agent.png`; resumable via `agent.pt`.
+
+    `space`: one for every expert, or one per expert (a transformer's experts each drop blocks in their own scored
+    order, so the same choice index is another sub-network, of other MACs, for each; the choices' count is the same)."""
+    spaces = space if isinstance(space, list) else [space] * len(elastics)
+    if len({s.shape for s in spaces}) != 1:
+        raise FlexdiffError("the experts' spaces of sub-networks differ in shape; one routing agent cannot serve them")
+    space = spaces[0]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_run = space.full_cost * sum(served)
@@ -193,7 +201,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
         quality = torch.zeros((), dtype=torch.float64)
         mean_losses, advs = [], []
         for e, (elastic, b) in enumerate(zip(elastics, batches)):
-            xt, t, noise, target_eps, kw = b.draw(cfg.batch_size, gen)
+            xt, t, regress_to, teacher_pred, kw = b.draw(cfg.batch_size, gen)
             ys, losses = [], []
             for _ in range(cfg.samples):
                 picks = [_gumbel_hard(lg, tau, gen) for lg in logits[e]]
@@ -201,8 +209,8 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
                 for hard, k in picks:
                     y = y * hard[k]
                 with torch.no_grad():
-                    loss = float(denoise_loss(elastic(xt, t, spec=space.spec([k for _, k in picks]), **kw).sample,
-                                              noise, target_eps, cfg.distill))
+                    pred = b.predict(elastic, xt, t, kw, spec=spaces[e].spec([k for _, k in picks]))
+                    loss = float(denoise_loss(pred, regress_to, teacher_pred, cfg.distill))
                 ys.append(y)
                 losses.append(loss)
             adv = torch.tensor(losses) - sum(losses) / len(losses)  # the siblings on the same batch are the baseline
@@ -215,7 +223,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
         state["scale"] = s if state["scale"] is None else 0.9 * state["scale"] + 0.1 * s
         quality = quality / state["scale"]
         probs = [[F.softmax(lg, dim=-1) for lg in lgs] for lgs in logits]
-        expected = sum(weights[e] * space.expected_macs(probs[e]) for e in range(len(elastics)))
+        expected = sum(weights[e] * spaces[e].expected_macs(probs[e]) for e in range(len(elastics)))
         over = torch.log(expected / target)
         # budget loss: a multiplier raised by dual ascent while the expected cost is over the budget
         # (lowered while under), plus a quadratic term; the cost settles on the budget whatever the
@@ -235,16 +243,16 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
     with torch.no_grad():
         logits = agent.logits()
     idx_all = space.indices()
-    calls_all = np.array([space.call_macs(idx) for idx in idx_all])
+    calls_all = [np.array([s.call_macs(idx) for idx in idx_all]) for s in spaces]
     logps = []
     for e in range(len(elastics)):
         lp = [F.log_softmax(lg, -1) for lg in logits[e]]
         logps.append(np.array([float(sum(lp[f][k] for f, k in enumerate(idx))) for idx in idx_all]))
-    picks = choose_within_budget(logps, [calls_all * n for n in served], target)
-    calls = [float(calls_all[k]) for k in picks]
+    picks = choose_within_budget(logps, [c * n for c, n in zip(calls_all, served)], target)
+    calls = [float(calls_all[e][k]) for e, k in enumerate(picks)]
     total = sum(c * n for c, n in zip(calls, served))
     full_call = space.full_cost
-    experts = [dict(spec=space.spec(idx_all[k]).to_dict(), macs_per_call=c, fraction_of_full=c / full_call,
+    experts = [dict(spec=spaces[e].spec(idx_all[k]).to_dict(), macs_per_call=c, fraction_of_full=c / full_call,
                     steps_served=n, share_of_run=c * n / total, probability=float(math.exp(logps[e][k])))
                for e, (k, c, n) in enumerate(zip(picks, calls, served))]
     result = dict(budget=budget, fraction_of_teacher=total / teacher_run, experts=experts,

@@ -16,7 +16,7 @@ from ..errors import FlexdiffError
 from ..io import read_json, write_json
 from ..models import save_model
 from ..samplers import num_train_timesteps
-from .elastic import ElasticUNet, SubnetSpec
+from .elastic import ElasticUNet, SubnetSpec, make_elastic
 from .finetune import taylor_importance, tune_static
 from .pipeline import ExpertsPipeline, guard
 
@@ -66,10 +66,10 @@ def pruned_baseline(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
         return target
     run = sum(c * s for c, s in zip(mix["macs_per_call"], served))
     T = num_train_timesteps(pipe.model.scheduler_config)
-    elastic = ElasticUNet(copy.deepcopy(pipe.teacher))
+    elastic = make_elastic(copy.deepcopy(pipe.teacher))
     all_t = pipe.batches(0, T - 1)
-    elastic.reorder(taylor_importance(elastic, all_t, pipe.cfg.importance_batches, pipe.cfg.batch_size,
-                                      seed=pipe.cfg.seed))
+    elastic.apply_importance(*taylor_importance(elastic, all_t, pipe.cfg.importance_batches, pipe.cfg.batch_size,
+                                                seed=pipe.cfg.seed))
     spec = uniform_specs(pipe, elastic, run, served)
     model = elastic.extract(spec)
     guard(folder, {**settings, "spec": spec.to_dict()})

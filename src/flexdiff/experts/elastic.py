@@ -273,6 +273,31 @@ class ElasticUNet(torch.nn.Module):
         self._plans.clear()
 
 
+    # ---- the interface the experts pipeline shares with the elastic transformer
+    def probe_specs(self) -> list[SubnetSpec]:
+        """Sub-networks whose loss scores something beyond the channels' Taylor importance: none for a UNet."""
+        return []
+
+    def apply_importance(self, grads: dict[str, torch.Tensor], probe_losses: list[float] | None = None) -> None:
+        """Re-order the channels by first-order Taylor importance (`grads`: accumulated |w * dL/dw|)."""
+        self.reorder(stage_scores(self, grads))
+
+    def extra_state(self) -> dict:
+        return {}  # the re-ordered weights hold everything
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+def make_elastic(model):
+    """The elastic form of a denoiser: a UNet's channels and ResNets, or a FLUX transformer's heads and blocks."""
+    if type(model).__name__ == "FluxTransformer2DModel":
+        from .elastic_transformer import ElasticTransformer
+
+        return ElasticTransformer(model)
+    return ElasticUNet(model)
+
+
 def stage_scores(elastic: ElasticUNet, grads: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
     """First-order Taylor importance per channel of each stage: sum of |w * dL/dw| over its parameters.
 

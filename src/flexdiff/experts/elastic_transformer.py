@@ -16,8 +16,9 @@ from the end.
 (`num_attention_heads * attention_head_dim`) and every MLP is four times that (fixed in diffusers' blocks), so a
 sub-network with k of the H heads is narrower everywhere: k heads, k * head_dim residual channels, the time
 embedding at the same width, and 4 * k * head_dim hidden units in each MLP. Each of those spaces keeps its most
-important members (first-order Taylor scores, `set_scores`), sorted back into their original order; a head keeps
-all its channels in order (its rotary embedding needs them). Widths are therefore whole heads, and every MLP size a
+important members: `apply_importance` permutes each space (consistently everywhere, so the function is unchanged) by
+first-order Taylor importance, most important first, and slicing keeps a prefix; a head keeps all its channels in
+order (its rotary embedding needs them). Widths are therefore whole heads, and every MLP size a
 multiple of 4 * head_dim: shapes the kernels run well.
 
 Supported: FluxTransformer2DModel (the default transformer's shape). Other transformer classes are refused with
@@ -113,7 +114,6 @@ class ElasticTransformer(torch.nn.Module):
         self.counts = (int(cfg.num_layers), int(cfg.num_single_layers))
         self.num_blocks = sum(self.counts)
         self.full = SubnetSpec((self.width,), (1,) * self.num_blocks)
-        self.scores: dict[str, torch.Tensor] = {}  # per space: importance of each member (set_scores)
         self.drop_order: tuple[int, ...] = self._default_drop_order()
         self._templates: OrderedDict[SubnetSpec, torch.nn.Module] = OrderedDict()
 
@@ -168,45 +168,45 @@ class ElasticTransformer(torch.nn.Module):
         return {"transformer_blocks": [k for k in range(n_dual) if spec.depths[k]],
                 "single_transformer_blocks": [k - n_dual for k in range(n_dual, self.num_blocks) if spec.depths[k]]}
 
-    def _top(self, space: str, size: int, keep: int) -> torch.Tensor:
-        """The `keep` most important members of a space (all when unscored: a prefix), in their original order."""
-        score = self.scores.get(space)
-        if score is None or keep == size:
-            return torch.arange(keep)
-        return torch.sort(torch.argsort(-score, stable=True)[:keep]).values
-
-    def _index(self, token, full_name: str, width: int, size: int) -> torch.Tensor | None:
+    def _index(self, token, name: str, size: int, pick) -> torch.Tensor | None:
+        """The indices along one dimension of parameter `name` (full size `size`), given `pick(space, n)`: the
+        members of a space to take, in order (a prefix when slicing, a permutation when re-ordering); None: all."""
         if token is None:
             return None
-        heads = width // self.head_dim
-        if token == "R" or token == "T":
-            return self._top(token, self.width, width)
-        if token == "H":
-            kept = self._top("H", self.heads, heads)
-            return (kept[:, None] * self.head_dim + torch.arange(self.head_dim)[None, :]).reshape(-1)
+        if token in ("R", "T"):
+            return pick(token, self.width)
+        if token == "H":  # whole heads, each with its channels in order
+            heads = pick("H", self.heads)
+            return (heads[:, None] * self.head_dim + torch.arange(self.head_dim)[None, :]).reshape(-1)
         if token == "M":
-            return self._top(_mlp_space(full_name), size, size * width // self.width)
+            return pick(_mlp_space(name), size)
         if token == "H+M":
-            h = self._index("H", full_name, width, self.width)
-            m = self._index("M", full_name, width, size - self.width)
-            return torch.cat([h, self.width + m])
-        chunks = int(token[:-1])  # "6R": adaLN's chunks, each a residual-sized slice
-        r = self._index("R", full_name, width, self.width)
-        return torch.cat([c * self.width + r for c in range(chunks)])
+            return torch.cat([self._index("H", name, self.width, pick),
+                              self.width + self._index("M", name, size - self.width, pick)])
+        r = pick("R", self.width)  # "6R": adaLN's chunks, each a residual-sized slice
+        return torch.cat([c * self.width + r for c in range(int(token[:-1]))])
 
-    def sub_state(self, spec: SubnetSpec) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _prefix(width: int, full_width: int):
+        """Slicing at `width`: the first members of every space, in the same proportion (heads: width / head_dim)."""
+        def pick(space: str, n: int) -> torch.Tensor:
+            return torch.arange(n * width // full_width)
+        return pick
+
+    def sub_state(self, spec: SubnetSpec, check: bool = True) -> dict[str, torch.Tensor]:
         """The sub-network's parameters, as differentiable slices of the full ones (template names)."""
-        self.validate(spec)
+        if check:
+            self.validate(spec)
         full = dict(self.unet.named_parameters())
         kept = self._kept_blocks(spec)
-        width = spec.widths[0]
+        pick = self._prefix(spec.widths[0], self.width)
         out = {}
         for name, _ in self.template(spec).named_parameters():
             attr, k, rest = _split(name)
             source = name if attr is None else f"{attr}.{kept[attr][k]}.{rest}"
             t = full[source]
             for d, token in enumerate(_dims(source)):
-                ix = self._index(token, source, width, t.shape[d])
+                ix = self._index(token, source, t.shape[d], pick)
                 if ix is not None and not torch.equal(ix, torch.arange(t.shape[d])):
                     t = t.index_select(d, ix.to(t.device))
             out[name] = t
@@ -234,11 +234,14 @@ class ElasticTransformer(torch.nn.Module):
         return self._templates[spec]
 
     def forward(self, *args, spec: SubnetSpec | None = None, **kwargs):
-        if spec is None or spec == self.full:  # every index kept, in order: the model itself
+        if spec is None or spec == self.full:  # every member kept, in order: the model itself
             return self.unet(*args, **kwargs)
+        return self._run(spec, args, kwargs)
+
+    def _run(self, spec: SubnetSpec, args, kwargs, check: bool = True):
         tmpl = self.template(spec)
         tmpl.train(self.unet.training)
-        return functional_call(tmpl, self.sub_state(spec), args, kwargs)
+        return functional_call(tmpl, self.sub_state(spec, check), args, kwargs)
 
     @torch.no_grad()
     def extract(self, spec: SubnetSpec):
@@ -248,17 +251,26 @@ class ElasticTransformer(torch.nn.Module):
         return model.eval()
 
     # ---- importance
-    def set_scores(self, grads: dict[str, torch.Tensor], block_scores: list[float] | None = None) -> None:
-        """Importance of every member of every space from accumulated |w * dL/dw| per full parameter (Molchanov et
-        al. 2019, as for the UNet's channels), and optionally of every block (`block_scores`, one per block in call
-        order, higher = more important) for the depth options' drop order."""
+    def probe_specs(self) -> list[SubnetSpec]:
+        """One sub-network per block, that block alone dropped: how much the loss rises without it scores the
+        block (the depth options' drop order, `apply_importance`)."""
+        return [SubnetSpec(self.full.widths, tuple(int(j != k) for j in range(self.num_blocks)))
+                for k in range(self.num_blocks)]
+
+    def probe(self, spec: SubnetSpec, args, kwargs):
+        """Run a probe sub-network (outside the depth options, so unchecked)."""
+        return self._run(spec, args, kwargs, check=False)
+
+    def importance_scores(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """First-order Taylor importance of every member of every space, from accumulated |w * dL/dw| per full
+        parameter (Molchanov et al. 2019, as for the UNet's channels)."""
         scores: dict[str, torch.Tensor] = {}
 
         def add(space: str, values: torch.Tensor) -> None:
             scores[space] = scores.get(space, torch.zeros_like(values)) + values
 
         for name, g in grads.items():
-            g = g.detach().abs().float()
+            g = g.detach().abs().float().cpu()
             for d, token in enumerate(_dims(name)):
                 if token is None:
                     continue
@@ -274,9 +286,40 @@ class ElasticTransformer(torch.nn.Module):
                     add(_mlp_space(name), red[self.width:])
                 else:
                     add("R", red.view(int(token[:-1]), self.width).sum(0))
-        self.scores = scores
-        if block_scores is not None:
-            if len(block_scores) != self.num_blocks:
-                raise FlexdiffError(f"block scores: {len(block_scores)} given, the model has {self.num_blocks} blocks")
-            self.drop_order = tuple(sorted(range(self.num_blocks), key=lambda k: (block_scores[k], k)))
+        return scores
+
+    def apply_importance(self, grads: dict[str, torch.Tensor], probe_losses: list[float] | None = None) -> None:
+        """Re-order every space by importance, most important first (the function is unchanged: residual
+        channels, time-embedding channels, heads and MLP units are only permuted, consistently everywhere), so
+        that slicing keeps the most important members; and with `probe_losses` (the loss of each of
+        `probe_specs`), order the blocks for dropping: the one whose absence costs least first."""
+        scores = self.importance_scores(grads)
+        perms = {space: torch.argsort(-sc, stable=True) for space, sc in scores.items()}
+
+        def pick(space: str, n: int) -> torch.Tensor:
+            return perms.get(space, torch.arange(n))
+
+        with torch.no_grad():
+            for name, p in self.unet.named_parameters():
+                t = p.detach()
+                for d, token in enumerate(_dims(name)):
+                    ix = self._index(token, name, t.shape[d], pick)
+                    if ix is not None:
+                        t = t.index_select(d, ix.to(t.device))
+                p.copy_(t.clone())
+        if probe_losses is not None:
+            if len(probe_losses) != self.num_blocks:
+                raise FlexdiffError(f"block scores: {len(probe_losses)} given, the model has {self.num_blocks} blocks")
+            self.drop_order = tuple(sorted(range(self.num_blocks), key=lambda k: (probe_losses[k], k)))
         self._templates.clear()
+
+    def extra_state(self) -> dict:
+        """What the weights do not hold and a rebuilt elastic model needs: the blocks' drop order."""
+        return {"drop_order": list(self.drop_order)}
+
+    def load_extra_state(self, state: dict) -> None:
+        order = tuple(int(k) for k in state.get("drop_order", ()))
+        if sorted(order) != list(range(self.num_blocks)):
+            raise FlexdiffError(f"elastic transformer state: drop order {list(order)} is not a permutation of the "
+                                f"{self.num_blocks} blocks")
+        self.drop_order = order

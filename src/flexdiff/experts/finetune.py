@@ -15,11 +15,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from ..configs import Config
 from ..errors import FlexdiffError
-from ..fit import Fit, noised, warmup_cosine
+from ..fit import Fit, Objective, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -39,45 +38,53 @@ def lr_at(step: int, cfg: TuneConfig) -> float:
 
 
 class IntervalBatches:
-    """Noised training batches whose timesteps lie in [lo, hi], with the teacher's prediction.
+    """Noised training batches whose timesteps lie in [lo, hi], with their target and the teacher's prediction.
 
-    For a class-conditional model, `labels` (one per image) and the model's `null_label`: each
-    batch carries `class_labels`, a share `label_dropout` of them replaced by the null label (as
-    in the teacher's training), so the experts keep serving unconditional and guided sampling.
+    The objective follows the model's scheduler (`fit.Objective`: epsilon on the DDPM process, or the velocity on
+    the flow-matching path) and so does the call (a UNet's, or FLUX's packed tokens). For a class-conditional
+    model, `labels` (one per image) and `classes` (its ClassSpec): each batch carries the model's label inputs, a
+    share `label_dropout` of them replaced by the null label (as in the teacher's training), so the experts keep
+    serving unconditional and guided sampling.
     """
 
     def __init__(self, images: torch.Tensor, scheduler_config: dict, lo: int, hi: int, teacher=None,
-                 labels: torch.Tensor | None = None, null_label: int | None = None, label_dropout: float = 0.1):
-        cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-        self.alphas = DDPMScheduler.from_config(cfg).alphas_cumprod
-        if not 0 <= lo <= hi < len(self.alphas):
-            raise FlexdiffError(f"interval [{lo}, {hi}] is outside the model's timesteps 0..{len(self.alphas) - 1}")
-        if (labels is None) != (null_label is None):
-            raise FlexdiffError("class-conditional batches need both the labels and the model's null label")
+                 labels: torch.Tensor | None = None, classes=None, label_dropout: float = 0.1, model=None):
+        if teacher is None and model is None:
+            raise FlexdiffError("interval batches need the teacher (or, without distillation, a model of its kind)")
+        self.objective = Objective(teacher if teacher is not None else model, scheduler_config)
+        if not 0 <= lo <= hi < self.objective.T:
+            raise FlexdiffError(f"interval [{lo}, {hi}] is outside the model's timesteps 0..{self.objective.T - 1}")
+        if (labels is None) != (classes is None):
+            raise FlexdiffError("class-conditional batches need both the labels and the model's class spec")
         self.images, self.lo, self.hi, self.teacher = images, lo, hi, teacher
-        self.labels, self.null_label, self.label_dropout = labels, null_label, label_dropout
+        self.labels, self.classes, self.label_dropout = labels, classes, label_dropout
+
+    def predict(self, model, xt: torch.Tensor, t: torch.Tensor, kwargs: dict, **extra) -> torch.Tensor:
+        """`model`'s prediction on a batch (`extra`: an elastic model's `spec`)."""
+        return self.objective.predict(model, xt, t, kwargs, **extra)
 
     def draw(self, n: int, gen: torch.Generator):
-        """(x_t, t, noise, teacher's prediction or None, extra UNet keyword arguments)."""
+        """(x_t, t, the regression target, the teacher's prediction (None without a teacher), the model's
+        conditioning keyword arguments)."""
         idx = torch.randint(0, len(self.images), (n,), generator=gen)
         x0 = self.images[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(self.lo, self.hi + 1, (n,), generator=gen)
-        xt = noised(x0, noise, t, self.alphas)
+        xt = self.objective.noised(x0, noise, t)
         kwargs = {}
         if self.labels is not None:
             y = self.labels[idx].clone()
-            y[torch.rand(n, generator=gen) < self.label_dropout] = self.null_label
-            kwargs["class_labels"] = y
-        target = None
+            y[torch.rand(n, generator=gen) < self.label_dropout] = self.classes.null
+            kwargs = self.classes.kwargs(y)
+        teacher = None
         if self.teacher is not None:
             with torch.no_grad():
-                target = self.teacher(xt, t, **kwargs).sample
-        return xt, t, noise, target, kwargs
+                teacher = self.predict(self.teacher, xt, t, kwargs)
+        return xt, t, self.objective.target(x0, noise), teacher, kwargs
 
 
-def denoise_loss(pred, noise, teacher_pred, distill: float):
-    loss = F.mse_loss(pred, noise)
+def denoise_loss(pred, target, teacher_pred, distill: float):
+    loss = F.mse_loss(pred, target)
     if teacher_pred is not None and distill > 0:
         loss = loss + distill * F.mse_loss(pred, teacher_pred)
     return loss
@@ -119,8 +126,8 @@ def tune_static(model, batches: IntervalBatches, ckpt_path: Path, cfg: TuneConfi
     model.train().requires_grad_(True)
 
     def step_loss(gen):
-        xt, t, noise, target, kw = batches.draw(cfg.batch_size, gen)
-        loss = denoise_loss(model(xt, t, **kw).sample, noise, target, cfg.distill)
+        xt, t, target, teacher, kw = batches.draw(cfg.batch_size, gen)
+        loss = denoise_loss(batches.predict(model, xt, t, kw), target, teacher, cfg.distill)
         loss.backward()
         return loss.detach()
 
@@ -137,11 +144,11 @@ def tune_elastic(elastic, batches: IntervalBatches, ckpt_path: Path, cfg: TuneCo
     unet.train().requires_grad_(True)
 
     def step_loss(gen):
-        xt, t, noise, target, kw = batches.draw(cfg.batch_size, gen)
+        xt, t, target, teacher, kw = batches.draw(cfg.batch_size, gen)
         specs = [elastic.full, elastic.smallest()] + [elastic.random_spec(gen) for _ in range(random_per_step)]
         total = 0.0
         for spec in specs:
-            loss = denoise_loss(elastic(xt, t, spec=spec, **kw).sample, noise, target, cfg.distill) / len(specs)
+            loss = denoise_loss(batches.predict(elastic, xt, t, kw, spec=spec), target, teacher, cfg.distill) / len(specs)
             loss.backward()  # gradients of all sub-networks add up on the shared full weights
             total += float(loss.detach())
         return torch.tensor(total)
@@ -153,24 +160,30 @@ def tune_elastic(elastic, batches: IntervalBatches, ckpt_path: Path, cfg: TuneCo
 
 
 def taylor_importance(elastic, batches: IntervalBatches, num_batches: int = 8, batch_size: int = 64,
-                      seed: int = 0) -> dict[int, torch.Tensor]:
-    """Per-channel first-order Taylor importance of every stage, on the interval's denoising loss."""
-    from .elastic import stage_scores
-
+                      seed: int = 0) -> tuple[dict[str, torch.Tensor], list[float] | None]:
+    """First-order Taylor importance on the interval's denoising loss: accumulated |w * dL/dw| per parameter of the
+    full network, and the loss of each of the elastic model's probe sub-networks (a transformer: each block dropped
+    alone) on the same batches, or None where it has none. What `elastic.apply_importance` takes."""
     unet = elastic.unet
     gen = torch.Generator().manual_seed(seed)
     params = dict(unet.named_parameters())
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    probes = elastic.probe_specs()
+    probe_loss = [0.0] * len(probes)
     unet.requires_grad_(True)
     try:
         for _ in range(num_batches):
-            xt, t, noise, _, kw = batches.draw(batch_size, gen)
+            xt, t, target, _, kw = batches.draw(batch_size, gen)
             unet.zero_grad(set_to_none=True)
-            F.mse_loss(unet(xt, t, **kw).sample, noise).backward()
+            F.mse_loss(batches.predict(unet, xt, t, kw), target).backward()
             for n, p in params.items():
                 if p.grad is not None:
                     acc[n] += (p.detach() * p.grad).abs()
+            with torch.no_grad():
+                for i, spec in enumerate(probes):
+                    pred = batches.predict(lambda **a: elastic.probe(spec, (), a), xt, t, kw)
+                    probe_loss[i] += float(F.mse_loss(pred, target)) / num_batches
     finally:
         unet.zero_grad(set_to_none=True)
         unet.requires_grad_(False)
-    return stage_scores(elastic, acc)
+    return acc, (probe_loss if probes else None)

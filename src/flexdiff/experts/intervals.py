@@ -15,19 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
 from ..errors import FlexdiffError
-from ..fit import noised
+from ..fit import Objective
 from ..io import save_figure, save_npz
 from ..mixture import Intervals
 
 MEASURES = ("grad", "cka", "mean")
-
-
-def _noised(images: torch.Tensor, noise: torch.Tensor, t: int, scheduler_config: dict) -> torch.Tensor:
-    alphas = DDPMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")}).alphas_cumprod
-    return noised(images, noise, torch.full((len(images),), t, dtype=torch.long), alphas)
 
 
 def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -40,8 +34,10 @@ def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 def timestep_similarity(unet, images: torch.Tensor, scheduler_config: dict, timesteps: list[int],
                         seed: int = 0, progress=None) -> dict[str, np.ndarray]:
     """Similarity matrices between `timesteps` (both measures), on `images` with one fixed noise."""
+    from ..anatomy import anatomy
     from ..sampling import null_conditioning
 
+    objective = Objective(unet, scheduler_config)  # epsilon or velocity, and the model's call convention
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     null = null_conditioning(unet)  # a class-conditional model: its unconditional (null-label) denoiser
     kwargs = null.model_kwargs(len(images)) if null is not None else {}
@@ -49,16 +45,16 @@ def timestep_similarity(unet, images: torch.Tensor, scheduler_config: dict, time
     was = [p.requires_grad for p in params]
     feats, grads = [], []
     captured = {}
-    site = unet.mid_block if getattr(unet, "mid_block", None) is not None else unet.down_blocks[-1]
-    handle = site.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    site, read = anatomy(unet).feature_site()
+    handle = site.register_forward_hook(lambda m, a, out: captured.__setitem__("h", read(out)))
     task = progress.add_task("timestep similarity", total=len(timesteps)) if progress else None
     try:
         for p in params:
             p.requires_grad_(True)
         for t in timesteps:
-            x_t = _noised(images, noise, t, scheduler_config)
             tt = torch.full((len(images),), t, dtype=torch.long)
-            loss = torch.nn.functional.mse_loss(unet(x_t, tt, **kwargs).sample, noise)
+            x_t = objective.noised(images, noise, tt)
+            loss = torch.nn.functional.mse_loss(objective.predict(unet, x_t, tt, kwargs), objective.target(images, noise))
             g = torch.autograd.grad(loss, params)
             grads.append(torch.cat([x.reshape(-1) for x in g]))
             feats.append(captured["h"].detach().reshape(len(images), -1))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .elastic import ElasticUNet
+from .elastic import make_elastic
 from .finetune import IntervalBatches, TuneConfig, taylor_importance, tune_elastic, tune_static
 
 
@@ -18,15 +18,16 @@ def tune_elastic_job(teacher, batches: IntervalBatches, cfg: TuneConfig, importa
                      importance_seed: int, checkpoint: Path, threads: int | None = None, progress=None,
                      description: str = "elastic expert") -> tuple[dict, dict]:
     """An elastic copy of `teacher`, re-ordered by its importance on the interval, sandwich-tuned.
-    Returns (the unet's state dict, the tuning summary)."""
+    Returns (the full network's state dict, the tuning summary with what else the elastic model needs)."""
     _threads(threads)
-    elastic = ElasticUNet(copy.deepcopy(teacher))
+    elastic = make_elastic(copy.deepcopy(teacher))
     # re-ordered once from the teacher's own importance on this interval (deterministic, so a resumed
     # run re-orders the same way before its checkpoint is loaded)
-    elastic.reorder(taylor_importance(elastic, batches, importance_batches, cfg.batch_size, seed=importance_seed))
+    elastic.apply_importance(*taylor_importance(elastic, batches, importance_batches, cfg.batch_size,
+                                                seed=importance_seed))
     Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
     summary = tune_elastic(elastic, batches, Path(checkpoint), cfg, progress=progress, description=description)
-    return elastic.unet.state_dict(), summary
+    return elastic.unet.state_dict(), {**summary, "elastic": elastic.extra_state()}
 
 
 def tune_static_job(model, batches: IntervalBatches, cfg: TuneConfig, checkpoint: Path, threads: int | None = None,

@@ -30,7 +30,7 @@ from ..samplers import sampler_timesteps
 from ..schedule import Schedule
 from .agent import AgentConfig, SpecSpace, check_budget, train_agent
 from .config import BUDGET_KINDS, STAGES, ExpertsConfig, guard  # noqa: F401 (re-exported: callers import them here)
-from .elastic import ElasticUNet, SubnetSpec
+from .elastic import ElasticUNet, SubnetSpec, make_elastic
 from .finetune import IntervalBatches, TuneConfig
 from .intervals import find_intervals, similarity_images
 from .jobs import tune_elastic_job, tune_static_job
@@ -50,9 +50,10 @@ def training_data(model: LoadedModel, images: torch.Tensor | None) -> tuple[torc
             raise FlexdiffError("this model is class-conditional: --data images carry no labels (only the built-in "
                                 "digits do)")
         return images, None
+    from ..anatomy import noise_shape
     from ..data import load_digits_split
 
-    if model.unet.config.in_channels != 1 or model.unet.config.sample_size != 16:
+    if noise_shape(model.unet) != (1, 16, 16):
         raise FlexdiffError("this model is not the digits default: pass its training images (--data)")
     images, labels = load_digits_split("train")
     return images, (labels if classes is not None else None)
@@ -105,11 +106,10 @@ class ExpertsPipeline:
                               self.cfg.measure, self.cfg.k, self.cfg.k_max, self.cfg.seed, self.progress)
 
     def batches(self, lo: int, hi: int) -> IntervalBatches:
-        from ..sampling import num_classes
+        from ..conditioning import class_spec
 
-        null = num_classes(self.model.unet) if self.labels is not None else None
         return IntervalBatches(self.images, self.model.scheduler_config, lo, hi, teacher=self.teacher,
-                               labels=self.labels, null_label=null)
+                               labels=self.labels, classes=class_spec(self.teacher) if self.labels is not None else None)
 
     def tune_config(self, steps: int, seed_offset: int) -> TuneConfig:
         c = self.cfg
@@ -129,7 +129,9 @@ class ExpertsPipeline:
         out: list[ElasticUNet | None] = []
         for k in range(iv.k):
             done = folder / f"expert_{k}" / "elastic.safetensors"
-            out.append(self._elastic_from(load_weights(done)) if done.exists() else None)
+            summary = done.parent / "summary.json"
+            out.append(self._elastic_from(load_weights(done), read_json(summary, "the elastic expert's summary")
+                                          .get("elastic", {})) if done.exists() else None)
         pending = [k for k, e in enumerate(out) if e is None]
         jobs = [dict(teacher=self.teacher, batches=self.batches(*iv.bounds()[k]),
                      cfg=self.tune_config(self.cfg.elastic_steps, k), importance_batches=self.cfg.importance_batches,
@@ -142,14 +144,16 @@ class ExpertsPipeline:
             write_json(d / "summary.json", summary)
             save_safetensors(d / "elastic.safetensors", state)
             (d / "checkpoint.pt").unlink(missing_ok=True)
-            out[pending[i]] = self._elastic_from(state)
+            out[pending[i]] = self._elastic_from(state, summary.get("elastic", {}))
 
         self._run_jobs(tune_elastic_job, jobs, store, "elastic experts")
         return out
 
-    def _elastic_from(self, state: dict) -> ElasticUNet:
-        elastic = ElasticUNet(copy.deepcopy(self.teacher))
+    def _elastic_from(self, state: dict, extra: dict) -> ElasticUNet:
+        """An elastic expert from its stored weights and what else it needs (a transformer: its blocks' order)."""
+        elastic = make_elastic(copy.deepcopy(self.teacher))
         elastic.unet.load_state_dict(state)
+        elastic.load_extra_state(extra)
         return elastic
 
     def _run_jobs(self, fn, jobs: list[dict], store, what: str) -> None:
@@ -217,7 +221,7 @@ class ExpertsPipeline:
         guard(folder, {**self.identity, **cfg.stage_settings("agent")})
         if self._agent_done(budget):
             return read_json(folder / "choice.json", "the agent's choice")
-        space = self.spec_space(elastics[0])
+        space = [self.spec_space(e) for e in elastics]  # each expert's own (a transformer's: its blocks' order)
         batches = [self.batches(lo, hi) for lo, hi in iv.bounds()]
         acfg = AgentConfig(steps=self.cfg.agent_steps, batch_size=self.cfg.batch_size, distill=self.cfg.distill,
                            seed=self.cfg.seed)
@@ -234,7 +238,7 @@ class ExpertsPipeline:
         budget = self.cfg.budget if budget is None else budget
         iv_file = self.out / "intervals" / "intervals.json"
         served = self.served(Intervals.load(iv_file)) if iv_file.exists() else [self.cfg.num_steps]
-        space = self.spec_space(ElasticUNet(self.teacher))  # reads shapes only: no copy
+        space = self.spec_space(make_elastic(self.teacher))  # reads shapes only: no copy
         check_budget(space, served, budget, space.full_cost * sum(served),
                      "latency on this machine" if self.cfg.budget_kind == "latency" else "MACs")
 
