@@ -163,7 +163,8 @@ def test_the_experts_pipeline_on_a_flux_transformer_end_to_end(tmp_path):
     model = load_model(tmp_path / "model")
     cfg = ExpertsConfig(k=2, sim_timesteps=6, sim_images=16, importance_batches=1, elastic_steps=2, agent_steps=2,
                         final_steps=2, batch_size=8, budget=0.6, num_steps=20, sampler="flow-euler")
-    out = ExpertsPipeline(model, tmp_path / "exp", cfg).run()
+    pipe = ExpertsPipeline(model, tmp_path / "exp", cfg)
+    out = pipe.run()
     man = json.loads((out / "mixture.json").read_text())
     assert man["model_class"] == "FluxTransformer2DModel" and man["fraction_of_teacher"] <= 0.6 + 1e-9
     summaries = [json.loads((tmp_path / "exp" / "elastic" / f"expert_{k}" / "summary.json").read_text()) for k in (0, 1)]
@@ -186,6 +187,16 @@ def test_the_experts_pipeline_on_a_flux_transformer_end_to_end(tmp_path):
         assert torch.allclose(both[:1], mix.unet.experts[0](**first).sample, atol=1e-6)
     images = sample(mix.unet, mix.scheduler_config, Schedule.full("flow-euler", 20), initial_noise(2, (1, 16, 16), 0)).images
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    # the baselines at the mixture's MACs: one width for every expert (full depth), and one model for all timesteps
+    # with whole blocks dropped (TinyFusion-style, full width)
+    from flexdiff.experts.baselines import pruned_baseline, uniform_experts
+
+    uniform = json.loads((uniform_experts(pipe) / "mixture.json").read_text())
+    assert len({json.dumps(e["spec"]) for e in uniform["experts"]}) == 1
+    assert all(e["spec"]["depths"] == [1] * 8 for e in uniform["experts"])
+    pruned = load_model(pruned_baseline(pipe)).unet
+    assert pruned.config.num_attention_heads == 4 and pruned.config.num_layers + pruned.config.num_single_layers < 8
+    assert pruned.flexdiff_label_tokens == DEFAULT_LABEL_TOKENS
     swapped = tmp_path / "swapped"
     shutil.copytree(out, swapped)
     m = json.loads((swapped / "mixture.json").read_text())

@@ -252,6 +252,7 @@ def save_model(unet, scheduler_config: dict, out_dir: Path, tokens: LabelTokens 
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir, safe_serialization=True)
     write_json(out_dir / "scheduler_config.json", scheduler_config)
-    if tokens is not None:
-        write_json(out_dir / LABEL_TOKENS_FILE, label_tokens_record(unet, tokens))
+    record = label_tokens_record(unet, tokens)  # given, or what the model was loaded or cut out with
+    if record is not None:
+        write_json(out_dir / LABEL_TOKENS_FILE, record)
     return out_dir

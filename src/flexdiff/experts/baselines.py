@@ -2,8 +2,10 @@
 
 - uniform-width experts: the same intervals and training, but one width fraction for every
   expert instead of the agent's choice;
-- a Diff-Pruning-style single model (Fang et al. NeurIPS 2023): Taylor channel importance over
-  all timesteps, one pruned model fine-tuned for as many steps as all the experts together.
+- one static pruned model for all timesteps, fine-tuned for as many steps as all the experts together: for a
+  UNet Diff-Pruning-style (Fang et al. NeurIPS 2023: Taylor channel importance over all timesteps, one width
+  fraction); for a transformer TinyFusion-style (Fang et al. CVPR 2025: whole blocks dropped, here in the order
+  scored over all timesteps, at full width).
 """
 
 from __future__ import annotations
@@ -16,22 +18,21 @@ from ..errors import FlexdiffError
 from ..io import read_json, write_json
 from ..models import save_model
 from ..samplers import num_train_timesteps
-from .elastic import ElasticUNet, SubnetSpec, make_elastic
+from .elastic import ElasticUNet, SubnetSpec, make_elastic, uniform_width
 from .finetune import taylor_importance, tune_static
 from .pipeline import ExpertsPipeline, guard
 
 
-def uniform_specs(pipe: ExpertsPipeline, elastic: ElasticUNet, run_macs: float, served: list[int]) -> SubnetSpec:
-    """One width fraction for every cut stage (full depth), with the run's MACs closest to `run_macs`.
+def uniform_specs(pipe: ExpertsPipeline, elastic: ElasticUNet, run_macs: float, served: list[int],
+                  candidates: list[SubnetSpec] | None = None) -> SubnetSpec:
+    """Among `candidates` (default: one width fraction everywhere, full depth), the one whose run's MACs are
+    closest to `run_macs`.
 
     The sub-networks come in discrete sizes, so the baseline may get slightly more or less than
     the mixture; the bench reports every method's own MACs.
     """
     best = None
-    for spec in elastic.all_specs():
-        cut = [i for i in range(len(spec.widths)) if len(elastic.width_choices(i)) > 1]
-        if len({round(spec.widths[i] / elastic.full.widths[i], 6) for i in cut}) > 1 or spec.depths != elastic.full.depths:
-            continue
+    for spec in uniform_width(elastic) if candidates is None else candidates:
         m = pipe.spec_macs(elastic, spec) * sum(served)
         key = (abs(m - run_macs), m)
         if best is None or key < best[0]:
@@ -51,7 +52,8 @@ def uniform_experts(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
     return pipe.final(budget, [spec] * len(served), name="uniform", info=dict(baseline="uniform width"))
 
 def pruned_baseline(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
-    """Diff-Pruning-style: one model for all timesteps, Taylor channel importance, same MACs, same steps."""
+    """One statically pruned model for all timesteps (a UNet: Diff-Pruning-style channels; a transformer:
+    TinyFusion-style blocks), importance over all timesteps, same MACs, same steps."""
     budget = pipe.cfg.budget if budget is None else budget
     target = pipe.budget_dir(budget) / "pruned"
     folder = pipe.budget_dir(budget) / "pruned-training"
@@ -70,7 +72,7 @@ def pruned_baseline(pipe: ExpertsPipeline, budget: float | None = None) -> Path:
     all_t = pipe.batches(0, T - 1)
     elastic.apply_importance(*taylor_importance(elastic, all_t, pipe.cfg.importance_batches, pipe.cfg.batch_size,
                                                 seed=pipe.cfg.seed))
-    spec = uniform_specs(pipe, elastic, run, served)
+    spec = uniform_specs(pipe, elastic, run, served, elastic.static_specs())
     model = elastic.extract(spec)
     guard(folder, {**settings, "spec": spec.to_dict()})
     summary = tune_static(model, all_t, folder / "checkpoint.pt", pipe.tune_config(steps, 1000), pipe.progress,

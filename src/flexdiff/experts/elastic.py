@@ -274,6 +274,10 @@ class ElasticUNet(torch.nn.Module):
 
 
     # ---- the interface the experts pipeline shares with the elastic transformer
+    def static_specs(self) -> list[SubnetSpec]:
+        """The single pruned model's candidates (Diff-Pruning): one width fraction everywhere, full depth."""
+        return uniform_width(self)
+
     def probe_specs(self) -> list[SubnetSpec]:
         """Sub-networks whose loss scores something beyond the channels' Taylor importance: none for a UNet."""
         return []
@@ -287,6 +291,16 @@ class ElasticUNet(torch.nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+
+def uniform_width(elastic) -> list[SubnetSpec]:
+    """The sub-networks with one width fraction for every cut stage, at full depth."""
+    out = []
+    for spec in elastic.all_specs():
+        cut = [i for i in range(len(spec.widths)) if len(elastic.width_choices(i)) > 1]
+        if len({round(spec.widths[i] / elastic.full.widths[i], 6) for i in cut}) <= 1 and spec.depths == elastic.full.depths:
+            out.append(spec)
+    return out
 
 
 def make_elastic(model):

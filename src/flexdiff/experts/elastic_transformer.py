@@ -162,6 +162,10 @@ class ElasticTransformer(torch.nn.Module):
             for d in self.depth_options():
                 yield SubnetSpec((w,), d)
 
+    def static_specs(self) -> list[SubnetSpec]:
+        """The single pruned model's candidates (TinyFusion-style): full width, blocks dropped in the scored order."""
+        return [SubnetSpec(self.full.widths, d) for d in self.depth_options()]
+
     # ---- slicing
     def _kept_blocks(self, spec: SubnetSpec) -> dict[str, list[int]]:
         n_dual = self.counts[0]
