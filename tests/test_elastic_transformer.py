@@ -204,3 +204,18 @@ def test_the_experts_pipeline_on_a_flux_transformer_end_to_end(tmp_path):
     (swapped / "mixture.json").write_text(json.dumps(m))
     with pytest.raises(FlexdiffError, match="experts swapped or replaced"):  # its shape, or else its weights
         load_model(swapped)
+
+
+def test_the_intervals_command_takes_a_transformer_and_experts_refuses_a_sampler_it_cannot_use(tmp_path):
+    from flexdiff.models import DEFAULT_LABEL_TOKENS, save_model
+    from flexdiff.samplers import FLOW_SCHEDULER_CONFIG
+    from test_cli import assert_user_error, run
+
+    save_model(build_default_transformer(seed=0), dict(FLOW_SCHEDULER_CONFIG), tmp_path / "model", DEFAULT_LABEL_TOKENS)
+    code, out = run("experts", "--model", tmp_path / "model", "--out", tmp_path / "e", "--sampler", "ddim")
+    assert_user_error(code, out, "--sampler ddim: this is a flow-matching model; its samplers are flow-euler")
+    assert not (tmp_path / "e").exists()  # refused before anything was written
+    code, out = run("intervals", "--model", tmp_path / "model", "--out", tmp_path / "iv", "--k", "2", "--timesteps", "4",
+                    "--images", "8")
+    assert code == 0, out
+    assert (tmp_path / "iv" / "intervals.json").exists() and (tmp_path / "iv" / "similarity.png").exists()

@@ -98,17 +98,19 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
     from ..experts.baselines import pruned_baseline, uniform_experts
     from ..experts.pipeline import ExpertsConfig, ExpertsPipeline
     from ..models import default_mixture_dir
+    from ..samplers import default_sampler
+    from .methods import LABELS
 
-    t = cfg.teacher_steps
-    full = Schedule.full("ddim", t)
+    t, base = cfg.teacher_steps, default_sampler(model.scheduler_config)  # the teacher's sampler: DDIM, flow Euler
+    full, lb = Schedule.full(base, t), LABELS[base]
     out = []
 
     def with_schedule(label: str, path: Path) -> list[Method]:
-        rows = [Method(f"{label} (DDIM-{t})", "experts", full, str(path))]
+        rows = [Method(f"{label} ({lb}-{t})", "experts", full, str(path))]
         if cfg.mixture_deepcache:
             n = cfg.mixture_deepcache
-            rows.append(Method(f"{label} + DeepCache 1:{n} b0 (DDIM-{t})", "experts+schedule",
-                               Schedule.deepcache("ddim", t, n, 0), str(path)))
+            rows.append(Method(f"{label} + DeepCache 1:{n} b0 ({lb}-{t})", "experts+schedule",
+                               Schedule.deepcache(base, t, n, 0), str(path)))
         return rows
 
     from ..models import default_model_dir
@@ -122,14 +124,15 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
         label = "mixture of experts (shipped)" if name == "default" else f"mixture {shown}"
         out += with_schedule(label, path)
     for budget in cfg.expert_budgets:
-        ecfg = ExpertsConfig.from_dict({**dict(cfg.expert_settings), "budget": budget, "num_steps": t})
+        ecfg = ExpertsConfig.from_dict({"sampler": base, **dict(cfg.expert_settings), "budget": budget, "num_steps": t})
         pipe = ExpertsPipeline(model, out_dir / "experts" / (fingerprint or _model_fingerprint(model)), ecfg,
                                progress=progress)
         kind = "" if ecfg.budget_kind == "macs" else f" of the {ecfg.budget_kind}"
         out += with_schedule(f"mixture of experts ≤{budget:g}{kind}", pipe.final(budget))
-        out.append(Method(f"uniform-width experts ≈{budget:g} (DDIM-{t})", "experts-uniform", full,
+        out.append(Method(f"uniform-width experts ≈{budget:g} ({lb}-{t})", "experts-uniform", full,
                           str(uniform_experts(pipe, budget))))
-        out.append(Method(f"Diff-Pruning single model ≈{budget:g} (DDIM-{t})", "diff-pruning", full,
+        static = "TinyFusion-style" if getattr(anatomy(model.unet), "branches", None) else "Diff-Pruning"
+        out.append(Method(f"{static} single model ≈{budget:g} ({lb}-{t})", "diff-pruning", full,
                           str(pruned_baseline(pipe, budget))))
     return out
 
@@ -138,12 +141,12 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
                      teacher_macs: float, progress=None, fingerprint: str | None = None) -> tuple[list[Method], dict[str, float]]:
     """Flexiffusion over each mixture: a schedule searched with the mixture as the model, at
     `cfg.composed_speedups` against the original teacher's MACs. The candidates are scored against the
-    original teacher's DDIM run (what the bench measures), not the mixture's own: the search can then
+    original teacher's run (what the bench measures), not the mixture's own: the search can then
     prefer the schedules that undo some of the mixture's error instead of copying it."""
     from ..anatomy import num_branches
     from ..cost import measure_step_costs
     from ..models import load_model
-    from ..samplers import num_train_timesteps
+    from ..samplers import default_sampler, is_flow, num_train_timesteps
     from ..search import SearchConfig, search_from_settings
     from ..search.fitness import default_metric
     from ..search.space import make_space
@@ -153,14 +156,14 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
     for m in mixtures:
         mix = load_model(m.model, device=device, dtype=dtype)
         costs = measure_step_costs(mix.unet, guidance=cfg.guidance != 1.0, cross_attention_len=model.cross_attention_len)
-        own = costs.schedule_macs(Schedule.full("ddim", cfg.teacher_steps))
+        own = costs.schedule_macs(Schedule.full(default_sampler(mix.scheduler_config), cfg.teacher_steps))
         fp = _model_fingerprint(mix)
         for speedup in cfg.composed_speedups:
             budget = teacher_macs / (speedup * own)  # a fraction of the mixture's own run
             if budget >= 1:
                 continue  # the mixture alone is already that cheap
-            space = make_space("segment", "dpmsolver++", num_train_timesteps(mix.scheduler_config),
-                               num_branches(mix.unet))
+            space = make_space("segment", "flow-dpmsolver++" if is_flow(mix.scheduler_config) else "dpmsolver++",
+                               num_train_timesteps(mix.scheduler_config), num_branches(mix.unet))
             scfg = SearchConfig(budget=budget, population=cfg.search_population, generations=cfg.search_generations,
                                 eval_samples=cfg.search_eval_samples, metric=default_metric(meter), seed=cfg.seed,
                                 teacher_steps=cfg.teacher_steps, labels=cfg.labels, guidance=cfg.guidance,
@@ -170,7 +173,7 @@ def composed_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter,
                 mix, meter, space, scfg, base / f"composed-{scfg.metric}-{speedup:g}x-vs-teacher", progress=progress,
                 teacher_cache=base, costs=costs, model_fingerprint=fp, reference=model,
                 reference_cache=_searches_dir(out_dir, fingerprint or _model_fingerprint(model), cfg)).run()
-            label = m.name.split(" (DDIM")[0]
+            label = m.name.rsplit(" (", 1)[0]
             name = f"{label} + Flexiffusion [{scfg.metric}] ≤1/{speedup:g} ({result.best.describe().split(' (')[0]})"
             out.append(Method(name, "experts+search", replace(result.best, name=name), m.model))
             seconds[name] = result.seconds

@@ -68,7 +68,7 @@ def experts_cmd(
     budget_kind: str = typer.Option("macs", "--budget-kind", help="What the budget counts: macs, or latency (each sub-network's forward timed once on this machine at --latency-batch; the wall-clock follows the budget)."),
     latency_batch: int = typer.Option(250, "--latency-batch", min=1, help="Batch size the latency table is measured at (the bench's)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="Run only up to this stage: intervals, elastic, agent or final (each resumes)."),
-    sampler: str = typer.Option("ddim", help="The sampling run the budget is counted on."),
+    sampler: Optional[str] = typer.Option(None, help="The sampling run the budget is counted on: the model's teacher sampler by default (ddim; flow-euler on a flow-matching model such as the default transformer)."),
     steps: int = typer.Option(100, "--steps", min=1, help="Steps of that sampling run."),
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Number of intervals (default: knee rule)."),
     elastic_steps: int = typer.Option(200, min=1, help="Sandwich-rule steps per elastic expert."),
@@ -99,10 +99,14 @@ def experts_cmd(
     pool = workers_from_options(workers, ray_address, threads, gpus_per_worker)
     if stage is not None and stage not in STAGES:
         raise FlexdiffError(f"--stage {stage!r}; accepted: {', '.join(STAGES)}")
+    loaded = load_model(model)
+    from ..samplers import check_sampler_fits, default_sampler
+
+    sampler = check_sampler_fits(sampler, loaded.scheduler_config) if sampler is not None else \
+        default_sampler(loaded.scheduler_config)
     cfg = ExpertsConfig(budget=budget, sampler=sampler, num_steps=steps, k=k, elastic_steps=elastic_steps,
                         agent_steps=agent_steps, final_steps=final_steps, batch_size=batch_size, seed=seed,
                         budget_kind=budget_kind, latency_batch=latency_batch)
-    loaded = load_model(model)
     images = training_images_from_option(data, loaded)
     t0 = time.perf_counter()
     with run_folder(out), progress_bar() as progress:

@@ -71,6 +71,9 @@ class ExpertsPipeline:
                                 "conditioning data, which this pipeline does not load")
         if is_mixture(model.unet):
             raise FlexdiffError(f"--model {model.path} is already a mixture; give the teacher UNet")
+        from ..samplers import check_sampler_fits
+
+        check_sampler_fits(cfg.sampler, model.scheduler_config, "the experts' sampler (--sampler)")
         self.model, self.cfg, self.progress = model, cfg, progress
         self.workers = workers  # where the per-interval fine-tunings run; the agent stays here
         self.out = Path(out_dir)
