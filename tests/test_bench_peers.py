@@ -49,3 +49,43 @@ def test_bench_refuses_bad_hooks_and_hooks_on_a_unet_before_writing(tmp_path):
                         tmp_path / "t", DEFAULT_LABEL_TOKENS)
     code, out = run("bench", "--model", folder, "--hooks", "taylorseer:x", "--out", tmp_path / "b")
     assert_user_error(code, out, "KIND:SETTING")
+
+
+def test_the_transformer_table_end_to_end_on_a_tiny_flux(tmp_path):
+    """make bench's second table, shrunk: the teacher, plain flow solvers, FORA-style caches, the five hooks (MACs
+    counted per batch), a Flexiffusion search; every searched schedule paired with each hook at the MACs it spent
+    or more; the table, plot and grid written."""
+    import dataclasses
+    import json
+
+    from flexdiff.bench.methods import PRESETS
+    from flexdiff.bench.run import run_bench
+    from flexdiff.metrics import QualityMeter
+    from flexdiff.models import load_model
+
+    folder = save_model(build_default_transformer(0, num_layers=1, num_single_layers=3), FLOW_SCHEDULER_CONFIG,
+                        tmp_path / "t", DEFAULT_LABEL_TOKENS)
+    model = load_model(folder)
+    cfg = dataclasses.replace(PRESETS["transformer-quick"], samples=8, batch_size=8, teacher_steps=8, hook_steps=8,
+                              ddim_steps=(2,), dpm_steps=(2,), deepcache_dpm_steps=(4,), search_budgets=(1 / 2,),
+                              search_population=2, search_generations=1, search_eval_samples=8)
+    result = run_bench(model, cfg, tmp_path / "b", QualityMeter.for_model((1, 16, 16), n_boot=10))
+    rows = {r["method"]: r for r in result["rows"]}
+    assert not result["skipped"], result["skipped"]
+    hooks = [r for r in rows.values() if r["family"].startswith("hook-")]
+    assert sorted(r["family"] for r in hooks) == sorted(f"hook-{k}" for k in PEER_KINDS)
+    teacher_macs = rows["teacher flow-Euler-8"]["macs_per_image"]
+    for r in hooks:
+        assert len(r["macs_per_batch"]) == 1 and 0 < r["macs_per_image"] <= teacher_macs * (1 + 1e-9)
+    assert any(r["family"] == "fora" for r in rows.values())
+    searched = [r for r in rows.values() if r["family"] == "flexiffusion"]
+    assert len(searched) == 1 and searched[0]["macs_per_image"] <= teacher_macs / 2 * (1 + 1e-9)
+    # every hook that spent at least the schedule's MACs at some setting meets it, with the rule's verdict
+    spent_more = {r["family"] for r in hooks if r["macs_per_image"] >= searched[0]["macs_per_image"]}
+    pairs = [c for c in result["search_vs_peers"] if c["peer_family"].startswith("hook-")]
+    assert spent_more and spent_more <= {c["peer_family"] for c in pairs}
+    assert all({"verdict", "class_tv_difference"} <= set(c) for c in pairs)
+    table = (tmp_path / "b" / "bench.md").read_text()
+    assert "FirstBlockCache" in table and "FORA-style" in table
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
+    assert (tmp_path / "b" / "bench.png").exists() and (tmp_path / "b" / "samples.png").exists()

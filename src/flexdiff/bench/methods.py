@@ -148,6 +148,19 @@ PRESETS = {
                                            ("fastercache", 2), ("fastercache", 8)),
                                hook_steps=50, search_budgets=(1 / 4, 1 / 8, 1 / 16), search_population=12,
                                search_generations=6, search_eval_samples=128, flexiffusion_metrics=("rfid",)),
+    # `make bench`'s second table, on the transformer default: the same noise and sample count as "quick", the
+    # plain solvers at 1/4 and 1/8 of the teacher's MACs, FORA-style caches, each of diffusers' five hooks at its
+    # setting nearest 1/4 (PAB and FasterCache at their most aggressive: they stop near 1/1.2), and the
+    # Flexiffusion searches at 1/4 and 1/8 (the full preset above adds 1/16, more settings and the AutoDiffusion
+    # peer)
+    "transformer-quick": BenchConfig(samples=500, teacher_steps=50, ddim_steps=(12,), dpm_steps=(6, 12),
+                                     unipc_steps=(), deepcache_intervals=(4,), deepcache_branches=(0,),
+                                     deepcache_nonuniform=(), deepcache_dpm_steps=(25,),
+                                     hook_peers=(("fbc", 0.3), ("taylorseer", 5), ("magcache", 0.3), ("pab", 8),
+                                                 ("fastercache", 8)),
+                                     hook_steps=50, search_budgets=(1 / 4, 1 / 8), search_population=12,
+                                     search_generations=6, search_eval_samples=128, flexiffusion_metrics=("rfid",),
+                                     autodiffusion=False, mixture_deepcache=0),
 }
 
 
