@@ -89,3 +89,31 @@ def test_the_transformer_table_end_to_end_on_a_tiny_flux(tmp_path):
     assert "FirstBlockCache" in table and "FORA-style" in table
     assert json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
     assert (tmp_path / "b" / "bench.png").exists() and (tmp_path / "b" / "samples.png").exists()
+
+
+def test_the_transformer_tables_mixture_rows_on_a_tiny_flux(tmp_path):
+    """The full transformer preset builds a mixture of FLUX experts with both baselines (uniform width,
+    TinyFusion-style) and searches a schedule over it, all on flow Euler, the teacher's sampler."""
+    import dataclasses
+
+    from flexdiff.bench.methods import PRESETS
+    from flexdiff.bench.run import run_bench
+    from flexdiff.metrics import QualityMeter
+    from flexdiff.models import load_model
+
+    folder = save_model(build_default_transformer(0, num_layers=1, num_single_layers=3), FLOW_SCHEDULER_CONFIG,
+                        tmp_path / "t", DEFAULT_LABEL_TOKENS)
+    small = (("k", 2), ("sim_timesteps", 4), ("sim_images", 8), ("importance_batches", 1), ("elastic_steps", 1),
+             ("agent_steps", 1), ("final_steps", 1), ("batch_size", 4))
+    cfg = dataclasses.replace(PRESETS["transformer"], samples=8, batch_size=8, teacher_steps=8, ddim_steps=(),
+                              dpm_steps=(), unipc_steps=(), deepcache_intervals=(), deepcache_dpm_steps=(),
+                              delta_dit_intervals=(), hook_peers=(), search_budgets=(), expert_budgets=(0.7,),
+                              composed_speedups=(2,), search_population=2, search_generations=1,
+                              search_eval_samples=8, expert_settings=small)
+    result = run_bench(load_model(folder), cfg, tmp_path / "b", QualityMeter.for_model((1, 16, 16), n_boot=10))
+    families = {r["family"]: r["method"] for r in result["rows"]}
+    assert {"teacher", "experts", "diff-pruning", "experts+search"} <= set(families)
+    # the uniform-width experts were built (a row of their own unless they came out the very same model)
+    assert list((tmp_path / "b" / "experts").glob("*/budget-0.7/uniform/mixture.json"))
+    assert "TinyFusion-style" in families["diff-pruning"] and "flow-Euler-8" in families["experts"]
+    assert result["mixture_vs_baselines"]

@@ -148,7 +148,9 @@ def measure_step_costs(unet: UNet, guidance: bool = False, cross_attention_len: 
     """
     if is_mixture(unet):
         per = tuple(measure_step_costs(e, guidance, cross_attention_len) for e in unet.experts)
-        cfg = {k: v for k, v in unet.scheduler_config.items() if not k.startswith("_") and not isinstance(v, list)}
+        # hashable, and still saying which process it is (a FlowMatch* class name marks flow matching)
+        cfg = {k: v for k, v in unet.scheduler_config.items()
+               if (k == "_class_name" or not k.startswith("_")) and not isinstance(v, list)}
         return MixtureStepCosts(per, unet.intervals, tuple(sorted(cfg.items())))
     kwargs = _example_inputs(unet, cross_attention_len)
     engine = StepEngine(unet, Schedule("ddim", (FULL,)))

@@ -133,10 +133,11 @@ PRESETS = {
     "search": BenchConfig(samples=2000, ddim_steps=(4, 6, 12, 50), dpm_steps=(4, 6, 12, 20), unipc_steps=(4, 6, 12),
                           deepcache_intervals=(2, 3, 5), deepcache_branches=(0,), deepcache_nonuniform=(),
                           deepcache_dpm_steps=(20, 25), search_budgets=(1 / 8, 1 / 16, 1 / 25)),
-    # the transformer table (docs/bench.md; `make bench`'s second once the transformer default ships): a 50-step
-    # flow-Euler teacher (what FLUX and SD3 pipelines run by default is 28-50), flow solvers at the step counts the budgets allow, FORA-style
-    # caches (over the teacher and over shorter runs, which alone reach the budgets) and Δ-DiT-style ones, diffusers'
-    # five cache hooks on the teacher's run at settings near the budgets, and the searches at 1/4, 1/8 and 1/16
+    # the transformer table (docs/bench.md; `make bench-full`'s second): a 50-step flow-Euler teacher (what FLUX and
+    # SD3 pipelines run by default is 28-50), flow solvers at the step counts the budgets allow, FORA-style caches
+    # (over the teacher and over shorter runs, which alone reach the budgets) and Δ-DiT-style ones, diffusers' five
+    # cache hooks on the teacher's run at settings near the budgets, the searches at 1/4, 1/8 and 1/16, and a
+    # mixture of experts built at 0.5 of the MACs with its two baselines and a schedule searched over it at 1/20
     "transformer": BenchConfig(samples=500, teacher_steps=50, ddim_steps=(3, 6, 12, 25), dpm_steps=(3, 6, 12),
                                unipc_steps=(3, 6, 12), deepcache_intervals=(2, 4), deepcache_branches=(0,),
                                deepcache_nonuniform=(), deepcache_dpm_steps=(12, 25), delta_dit_intervals=(2, 4),
@@ -147,7 +148,8 @@ PRESETS = {
                                            ("magcache", 0.3), ("magcache", 0.6), ("pab", 2), ("pab", 8),
                                            ("fastercache", 2), ("fastercache", 8)),
                                hook_steps=50, search_budgets=(1 / 4, 1 / 8, 1 / 16), search_population=12,
-                               search_generations=6, search_eval_samples=128, flexiffusion_metrics=("rfid",)),
+                               search_generations=6, search_eval_samples=128, flexiffusion_metrics=("rfid",),
+                               expert_budgets=(0.5,), composed_speedups=(20,), mixture_deepcache=0),
     # `make bench`'s second table, on the transformer default: the same noise and sample count as "quick", the
     # plain solvers at 1/4 and 1/8 of the teacher's MACs, FORA-style caches, each of diffusers' five hooks at its
     # setting nearest 1/4 (PAB and FasterCache at their most aggressive: they stop near 1/1.2), and the

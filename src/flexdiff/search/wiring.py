@@ -41,7 +41,9 @@ def search_from_settings(model, meter, space, cfg: SearchConfig, out_dir: Path, 
         if cfg.metric == "fid":
             raise FlexdiffError("--metric fid scores against the real data, not a reference model's samples; "
                                 "use rfid or distance with a reference")
-        ref_shape, own_shape = ((m.unet.config.in_channels, m.unet.config.sample_size) for m in (reference, model))
+        from ..anatomy import noise_shape
+
+        ref_shape, own_shape = (noise_shape(m.unet) for m in (reference, model))  # (C, H, W), UNet or transformer
         if ref_shape != own_shape:
             raise FlexdiffError(f"the reference model {reference.path} makes samples of another shape "
                                 f"({ref_shape[0]} channels at {ref_shape[1]}) than the searched one")
