@@ -172,7 +172,10 @@ def test_batches_are_independent_runs(unet, sched_cfg):
     noise = initial_noise(6, (1, 16, 16), seed=2)
     whole = sample(unet, sched_cfg, s, noise, batch_size=6).images
     split = sample(unet, sched_cfg, s, noise, batch_size=4).images
-    assert (whole - split).abs().max() <= 1e-5
+    # equal up to float32 rounding: kernels block a batch of 4 and one of 6 differently (and by the thread count an
+    # earlier test left), so sums round apart at ~1e-7 of the samples' scale (this random UNet's reach hundreds); a
+    # state leak between batches is of the order of the samples themselves
+    assert (whole - split).abs().max() <= 1e-5 * whole.abs().max()
 
 
 def test_applied_to_a_pipeline_matches_own_sampler_and_repeats(unet, sched_cfg):
