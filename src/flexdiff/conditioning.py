@@ -41,6 +41,12 @@ class LabelTokens:
         return {"encoder_hidden_states": e[:, None, :], "pooled_projections": e}
 
 
+def label_inputs(labels: torch.Tensor, tokens: LabelTokens | None = None) -> dict:
+    """A class-conditional denoiser's inputs for `labels` (N,): one-hot label tokens for a transformer given them,
+    else `class_labels`."""
+    return tokens.kwargs(labels) if tokens is not None else {"class_labels": labels}
+
+
 def read_label_tokens(model, folder) -> None:
     """Attach what a folder's `label_tokens.json` says to a loaded transformer (its labels as one-hot tokens, and
     for a FLUX-shaped one the latents' side, which FLUX's config lacks); nothing when the folder has none."""
@@ -84,7 +90,7 @@ class ClassSpec:
 
     def kwargs(self, labels: torch.Tensor) -> dict:
         """The model's inputs for `labels` (N,): label tokens for a transformer given them, else `class_labels`."""
-        return self.tokens.kwargs(labels) if self.tokens is not None else {"class_labels": labels}
+        return label_inputs(labels, self.tokens)
 
 
 def class_spec(model) -> ClassSpec | None:
@@ -159,7 +165,7 @@ class Conditioning:
             labels = labels.expand(n) if labels.shape[0] == 1 else labels
             if self.guided:
                 labels = torch.cat([torch.full_like(labels, self.null_label), labels])
-            out = self.tokens.kwargs(labels) if self.tokens is not None else {"class_labels": labels}
+            out = label_inputs(labels, self.tokens)
             return {**out, **(self.fixed or {})}
         def rows(x):
             return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from .anatomy import call_anatomy
-from .conditioning import LabelTokens
+from .conditioning import LabelTokens, label_inputs
 from .configs import Config
 from .devices import CPU_FLOAT32, autocast, runs_on, training_dtype
 from .errors import FlexdiffError
@@ -80,7 +80,7 @@ def null_label(unet, tokens: LabelTokens | None = None) -> int | None:
 
 def _predict(model, call, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, tokens: LabelTokens | None):
     """The model's prediction at xt, called as its anatomy `call` says (FLUX: packed latents, t / 1000)."""
-    kwargs = {} if y is None else tokens.kwargs(y) if tokens is not None else {"class_labels": y}
+    kwargs = {} if y is None else label_inputs(y, tokens)
     return predict(call, model, xt, t, kwargs)
 
 

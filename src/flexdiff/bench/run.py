@@ -21,7 +21,7 @@ from ..metrics.paired import PixelMeter, paired_report
 from ..models import LoadedModel
 from ..sampling import initial_noise, model_conditioning, sample
 from ..schedule import Schedule
-from .methods import BenchConfig, Method
+from .methods import LABELS, BenchConfig, Method
 from .peers import PeerRunner
 from .report import markdown_table, mixture_comparisons, plot_bench, save_comparison_grid, search_comparisons
 
@@ -99,7 +99,6 @@ def mixture_methods(model: LoadedModel, cfg: BenchConfig, out_dir: Path, progres
     from ..experts.pipeline import ExpertsConfig, ExpertsPipeline
     from ..models import default_mixture_dir
     from ..samplers import default_sampler
-    from .methods import LABELS
 
     t, base = cfg.teacher_steps, default_sampler(model.scheduler_config)  # the teacher's sampler: DDIM, flow Euler
     full, lb = Schedule.full(base, t), LABELS[base]

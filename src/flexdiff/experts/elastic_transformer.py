@@ -116,6 +116,7 @@ class ElasticTransformer(torch.nn.Module):
         self.full = SubnetSpec((self.width,), (1,) * self.num_blocks)
         self.drop_order: tuple[int, ...] = self._default_drop_order()
         self._templates: OrderedDict[SubnetSpec, torch.nn.Module] = OrderedDict()
+        self._plans: dict[SubnetSpec, list] = {}
 
     def _default_drop_order(self) -> tuple[int, ...]:
         """Before any scoring: the middle blocks first, the first and the last ones last (they carry the most)."""
@@ -202,19 +203,35 @@ class ElasticTransformer(torch.nn.Module):
         if check:
             self.validate(spec)
         full = dict(self.unet.named_parameters())
-        kept = self._kept_blocks(spec)
-        pick = self._prefix(spec.widths[0], self.width)
         out = {}
-        for name, _ in self.template(spec).named_parameters():
-            attr, k, rest = _split(name)
-            source = name if attr is None else f"{attr}.{kept[attr][k]}.{rest}"
+        for name, source, cuts in self._plan(spec):
             t = full[source]
-            for d, token in enumerate(_dims(source)):
-                ix = self._index(token, source, t.shape[d], pick)
-                if ix is not None and not torch.equal(ix, torch.arange(t.shape[d])):
-                    t = t.index_select(d, ix.to(t.device))
+            for d, ix in cuts:
+                t = t.index_select(d, ix.to(t.device))
             out[name] = t
         return out
+
+    def _plan(self, spec: SubnetSpec) -> list[tuple[str, str, list[tuple[int, torch.Tensor]]]]:
+        """Per template parameter: the full parameter it is cut from and the (dimension, indices) cuts; computed
+        once per sub-network (the indices depend on its shape only, and the elastic fine-tuning calls it every
+        step)."""
+        if spec not in self._plans:
+            full = dict(self.unet.named_parameters())
+            kept = self._kept_blocks(spec)
+            pick = self._prefix(spec.widths[0], self.width)
+            plan = []
+            for name, _ in self.template(spec).named_parameters():
+                attr, k, rest = _split(name)
+                source = name if attr is None else f"{attr}.{kept[attr][k]}.{rest}"
+                cuts = []
+                for d, token in enumerate(_dims(source)):
+                    size = full[source].shape[d]
+                    ix = self._index(token, source, size, pick)
+                    if ix is not None and not torch.equal(ix, torch.arange(size)):
+                        cuts.append((d, ix))
+                plan.append((name, source, cuts))
+            self._plans[spec] = plan
+        return self._plans[spec]
 
     def template(self, spec: SubnetSpec):
         if spec not in self._templates:
@@ -316,6 +333,7 @@ class ElasticTransformer(torch.nn.Module):
                 raise FlexdiffError(f"block scores: {len(probe_losses)} given, the model has {self.num_blocks} blocks")
             self.drop_order = tuple(sorted(range(self.num_blocks), key=lambda k: (probe_losses[k], k)))
         self._templates.clear()
+        self._plans.clear()
 
     def extra_state(self) -> dict:
         """What the weights do not hold and a rebuilt elastic model needs: the blocks' drop order."""

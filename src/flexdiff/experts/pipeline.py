@@ -134,7 +134,7 @@ class ExpertsPipeline:
             done = folder / f"expert_{k}" / "elastic.safetensors"
             summary = done.parent / "summary.json"
             out.append(self._elastic_from(load_weights(done), read_json(summary, "the elastic expert's summary")
-                                          .get("elastic", {})) if done.exists() else None)
+                                          .get("elastic", {}), summary) if done.exists() else None)
         pending = [k for k, e in enumerate(out) if e is None]
         jobs = [dict(teacher=self.teacher, batches=self.batches(*iv.bounds()[k]),
                      cfg=self.tune_config(self.cfg.elastic_steps, k), importance_batches=self.cfg.importance_batches,
@@ -152,11 +152,15 @@ class ExpertsPipeline:
         self._run_jobs(tune_elastic_job, jobs, store, "elastic experts")
         return out
 
-    def _elastic_from(self, state: dict, extra: dict) -> ElasticUNet:
-        """An elastic expert from its stored weights and what else it needs (a transformer: its blocks' order)."""
+    def _elastic_from(self, state: dict, extra: dict, where: Path | None = None) -> ElasticUNet:
+        """An elastic expert from its stored weights and what else it needs (a transformer: its blocks' order, kept
+        in `where`, the expert's summary.json, named in an error)."""
         elastic = make_elastic(copy.deepcopy(self.teacher))
         elastic.unet.load_state_dict(state)
-        elastic.load_extra_state(extra)
+        try:
+            elastic.load_extra_state(extra)
+        except FlexdiffError as e:
+            raise FlexdiffError(f"{where}: {e}" if where is not None else str(e)) from None
         return elastic
 
     def _run_jobs(self, fn, jobs: list[dict], store, what: str) -> None:
