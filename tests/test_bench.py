@@ -198,3 +198,22 @@ def test_bench_seed_from_the_command_line_reaches_the_bench(tiny_model_dir, tmp_
     assert code == 0, out
     # it was silently 0: a "second seed" bench repeated the first, searches included (their noise is seed + 10,000)
     assert seen["cfg"].seed == 3 and seen["cfg"].samples == 4
+
+
+def test_a_search_that_found_a_peers_schedule_keeps_its_row(tiny_model_dir, tmp_path, monkeypatch):
+    """A searched schedule equal to a peer's (a plain solver, say) is still the search's result: its row stays,
+    sampled once, says which row it equals, and is paired with the peers like any searched schedule."""
+    import flexdiff.bench.run as bench_run
+
+    name = "Flexiffusion [distance] ≤1/2 (ddim-3)"
+    found = Schedule.full("ddim", 3, name=name)
+    monkeypatch.setattr(bench_run, "run_searches", lambda *a, **k: ((("flexiffusion", found),), {name: 1.5}))
+    cfg = BenchConfig(samples=12, batch_size=8, teacher_steps=6, ddim_steps=(3,), dpm_steps=(), deepcache_intervals=(),
+                      deepcache_nonuniform=(), search_budgets=(0.5,))
+    meter = QualityMeter.for_model((1, 16, 16), n_boot=20)
+    result = run_bench(load_model(tiny_model_dir), cfg, tmp_path / "b", meter)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows[name]["same_as"] == "DDIM-3" and rows[name]["search_seconds"] == 1.5
+    assert rows[name]["metrics"] == rows["DDIM-3"]["metrics"] and rows[name]["seconds"] == rows["DDIM-3"]["seconds"]
+    assert any(c["schedule"] == name for c in result["search_vs_peers"])
+    assert f"- {name} = DDIM-3" in (tmp_path / "b" / "bench.md").read_text()

@@ -52,6 +52,9 @@ def test_convergence_check_runs_on_a_flow_transformer_run(tmp_path):
                    run / "snapshots" / f"step-{step:06d}", DEFAULT_LABEL_TOKENS)
     (run / "losses.json").write_text(json.dumps([0.5, 0.4, 0.3]))
     (run / "training_summary.json").write_text(json.dumps({"wall_time_s": 1.0}))
+    # resumed with a larger --steps and still running: the checkpoint has the longer curve and time
+    import torch
+    torch.save({"losses": [0.5, 0.4, 0.3, 0.25, 0.2], "elapsed": 9.0, "step": 5}, run / "checkpoint.pt")
     out = tmp_path / "check"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convergence.py"), "--run", str(run), "--ship", "2",
                         "--extended", "3", "--samples", "24", "--curve-samples", "12", "--n-boot", "10", "--out", str(out)],
@@ -61,6 +64,10 @@ def test_convergence_check_runs_on_a_flow_transformer_run(tmp_path):
     assert set(result["ladder"]) == {"5", "10", "20"}
     assert {"teacher_better_than_its_20_step_run", "step_ladder_improves"} <= set(result["checks"])
     assert result["converged"] == all(result["checks"].values())
+    assert (result["total_steps"], result["wall_time_s"]) == (5, 9.0)
+    assert result["teacher_separated_up_to"] in (None, 5, 10, 20)
+    assert result["training_converged"] == all(v for k, v in result["checks"].items()
+                                               if k not in ("teacher_better_than_its_20_step_run", "step_ladder_improves"))
     assert "flow-euler-100" in (out / "convergence.md").read_text()
 
 

@@ -160,8 +160,8 @@ PRESETS = {
                                      deepcache_nonuniform=(), deepcache_dpm_steps=(25,),
                                      hook_peers=(("fbc", 0.3), ("taylorseer", 5), ("magcache", 0.3), ("pab", 8),
                                                  ("fastercache", 8)),
-                                     hook_steps=50, search_budgets=(1 / 4, 1 / 8), search_population=12,
-                                     search_generations=6, search_eval_samples=128, flexiffusion_metrics=("rfid",),
+                                     hook_steps=50, search_budgets=(1 / 4, 1 / 8), search_population=10,
+                                     search_generations=5, search_eval_samples=128, flexiffusion_metrics=("rfid",),
                                      autodiffusion=False, mixture_deepcache=0),
 }
 

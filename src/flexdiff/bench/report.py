@@ -180,6 +180,10 @@ def markdown_table(result: dict) -> str:
         lines += ["", "diffusers' cache hooks decide at run time: their steps are the calls asked for, and their MACs "
                   "were counted from what ran (torch's FLOP counter), the mean over batches with the range in "
                   "brackets."]
+    same = [r for r in result["rows"] if r.get("same_as")]
+    if same:
+        lines += ["", "Searches whose best schedule is a peer's own (sampled once, shown on both rows):", ""]
+        lines += [f"- {r['method']} = {r['same_as']}" for r in same]
     if result.get("skipped"):
         lines += ["", "Peers that could not run on this model:", ""]
         lines += [f"- {s['method']}: {s['reason']}" for s in result["skipped"]]

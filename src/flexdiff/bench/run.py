@@ -25,6 +25,8 @@ from .methods import LABELS, BenchConfig, Method
 from .peers import PeerRunner
 from .report import markdown_table, mixture_comparisons, plot_bench, save_comparison_grid, search_comparisons
 
+SEARCH_FAMILIES = ("flexiffusion", "autodiffusion")  # rows whose schedule a search chose
+
 
 def _model_fingerprint(model: LoadedModel) -> str:
     return weights_fingerprint(model.unet)
@@ -200,7 +202,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     branches = getattr(anatomy(model.unet), "branches", None)  # a transformer's (F, B): FORA / Δ-DiT rows, hooks
     methods = cfg.methods(extra, searched, model.scheduler_config, branches) + mixtures + composed
     models = {None: (model, costs, fp)}
-    unique, seen = [], set()
+    unique, seen, same_as = [], {}, {}
     for m in methods:
         if m.model not in models:
             other = load_model(m.model, device=device, dtype=dtype)
@@ -210,7 +212,10 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
         m.schedule.check_fits(len(models[m.model][1].partial))
         key = (models[m.model][2], m.peer.key() if m.peer else m.schedule.key())  # what runs
         if key not in seen:  # e.g. a baseline that came out the same at two budgets: one row
-            seen.add(key)
+            seen[key] = m.name
+            unique.append(m)
+        elif m.family in SEARCH_FAMILIES:  # a search that found a peer's schedule keeps its row (sampled once)
+            same_as[m.name] = seen[key]
             unique.append(m)
     methods = unique
     noise = initial_noise(cfg.samples, noise_shape(model.unet), cfg.seed)
@@ -224,6 +229,12 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
     counted: dict[str, list[float]] = {}  # a hook peer's MACs per image, batch by batch (counted as they ran)
     peer_runs = PeerRunner(model, noise, cond, cfg.batch_size, progress)
     for m in methods:
+        if m.name in same_as:
+            first = next(r for r in runs if r[0].name == same_as[m.name])
+            runs.append((m, *first[1:]))
+            if task is not None:
+                progress.update(task, advance=1)
+            continue
         m_model, _, m_fp = models[m.model]
         path = cache_dir / f"{_method_key(m_fp, m, cfg)}.safetensors"
         stored = load_cache(path)  # a truncated file from a killed run is redrawn
@@ -275,6 +286,7 @@ def run_bench(model: LoadedModel, cfg: BenchConfig, out_dir: Path, meter: Qualit
             resumed=resumed, search_seconds=search_seconds.get(m.name),
             metrics={k: v.to_dict() for k, v in metrics.items()},
             **({"macs_per_batch": counted[m.name]} if m.peer is not None else {}),
+            **({"same_as": same_as[m.name]} if m.name in same_as else {}),
         ))
     result = dict(
         config=asdict(cfg), model=str(model.path), model_fingerprint=fp,
