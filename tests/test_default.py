@@ -71,3 +71,38 @@ def test_default_model_follows_its_labels_with_guidance():
     with torch.no_grad():
         predicted = load_classifier()(images.clamp(-1, 1)).argmax(1)
     assert (predicted == cond.class_labels).float().mean() >= 0.9
+
+
+def test_transformer_default_makes_recognisable_digits_and_follows_labels():
+    """The shipped FLUX-shaped default: a stock diffusers folder, digits the classifier recognises unconditionally,
+    and each digit in turn with guidance."""
+    from diffusers import FluxTransformer2DModel
+
+    from flexdiff.models import default_transformer_dir
+    from flexdiff.sampling import class_conditioning
+
+    FluxTransformer2DModel.from_pretrained(default_transformer_dir())  # loads alone
+    m = load_model("default-transformer")
+    images = sample(m.unet, m.scheduler_config, Schedule.full("flow-dpmsolver++", 10),
+                    initial_noise(100, (1, 16, 16), seed=123)).images
+    with torch.no_grad():
+        confidence, label = torch.softmax(load_classifier()(images.clamp(-1, 1)), 1).max(1)
+    assert confidence.median() > 0.95 and len(set(label.tolist())) == 10
+    cond = class_conditioning(m.unet, tuple(range(10)), 50, guidance=2.0)
+    images = sample(m.unet, m.scheduler_config, Schedule.full("flow-dpmsolver++", 10),
+                    initial_noise(50, (1, 16, 16), seed=321), cond=cond).images
+    with torch.no_grad():
+        predicted = load_classifier()(images.clamp(-1, 1)).argmax(1)
+    assert (predicted == cond.class_labels).float().mean() >= 0.9
+
+
+def test_transformer_default_card_matches_its_summary_and_cost():
+    from flexdiff.models import default_transformer_dir
+
+    card = (default_transformer_dir() / "README.md").read_text()
+    summary = json.loads((default_transformer_dir() / "training_summary.json").read_text())
+    step = summary["shipped_snapshot_step"]
+    assert f"--steps {step}" in card and f"step-{step:06d}" in card and "--seed 0" in card
+    assert f"{summary['final_loss_last200']:.3f}" in card
+    costs = measure_step_costs(load_model("default-transformer").unet)
+    assert round(costs.full / 1e6, 1) == 58.0 and len(costs.partial) == 8
