@@ -117,7 +117,7 @@ def _delta_dit_branches(branches: tuple) -> tuple[int, int]:
 
 
 PRESETS = {
-    # the README's main job (about 15 minutes on the 2-core machine)
+    # make bench's first table (12 minutes on the 2-core machine, measured 7 December 2026)
     "quick": BenchConfig(samples=500, ddim_steps=(10, 20, 50), dpm_steps=(5, 10), unipc_steps=(5, 10),
                          deepcache_intervals=(3, 5), deepcache_branches=(0, 2), deepcache_nonuniform=(5,),
                          search_budgets=(1 / 16,), search_population=12, search_generations=6, search_eval_samples=128,

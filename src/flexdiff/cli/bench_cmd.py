@@ -37,7 +37,7 @@ from .app import (
 def bench(
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for bench.md, bench.json, bench.png, samples.png (and a resumable cache)."),
     model: Optional[Path] = ModelOpt,
-    preset: str = typer.Option("quick", help="quick (the README's main job, about 15 minutes), full (docs/bench.md), search (docs/search.md: the searches at 1/8, 1/16, 1/25 against the solvers) transformer (a flow-matching transformer against diffusers' cache hooks) or transformer-quick (make bench's second table)."),
+    preset: str = typer.Option("quick", help="quick (make bench's first table, about 12 minutes on 2 cores), full (docs/bench.md), search (docs/search.md: the searches at 1/8, 1/16, 1/25 against the solvers) transformer (a flow-matching transformer against diffusers' cache hooks) or transformer-quick (make bench's second table, about 13 minutes)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Override the preset's samples per method."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1, help="Seed of the shared initial noise."),
     teacher_steps: Optional[int] = typer.Option(None, min=1, help="Teacher DDIM steps (preset: 100)."),
