@@ -217,3 +217,25 @@ def test_a_search_that_found_a_peers_schedule_keeps_its_row(tiny_model_dir, tmp_
     assert rows[name]["metrics"] == rows["DDIM-3"]["metrics"] and rows[name]["seconds"] == rows["DDIM-3"]["seconds"]
     assert any(c["schedule"] == name for c in result["search_vs_peers"])
     assert f"- {name} = DDIM-3" in (tmp_path / "b" / "bench.md").read_text()
+
+
+def test_row_options_take_none_and_reach_the_bench(tiny_model_dir, tmp_path, monkeypatch):
+    """--ddim-steps, --dpm-steps, --unipc-steps, --deepcache and --delta-dit take 'none' (no such rows: a bench of
+    the mixture rows alone); a bad value names the option and 'none', and writes nothing."""
+    import flexdiff.bench
+    from test_cli import assert_user_error, run
+
+    seen = {}
+    monkeypatch.setattr(flexdiff.bench, "run_bench", lambda model, cfg, *a, **k: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr(flexdiff.bench, "markdown_table", lambda result: "")
+    code, out = run("bench", "--model", tiny_model_dir, "--out", tmp_path / "b", "--ddim-steps", "none",
+                    "--dpm-steps", "4", "--unipc-steps", "none", "--deepcache", "none", "--delta-dit", "3,5")
+    assert code == 0, out
+    cfg = seen["cfg"]
+    assert (cfg.ddim_steps, cfg.dpm_steps, cfg.unipc_steps, cfg.deepcache_intervals, cfg.delta_dit_intervals) == \
+        ((), (4,), (), (), (3, 5))
+    assert not [m for m in cfg.methods() if m.family in ("ddim", "deepcache")]
+    for option, value in (("--deepcache", "0"), ("--delta-dit", "x"), ("--ddim-steps", "")):
+        code, out = run("bench", "--model", tiny_model_dir, "--out", tmp_path / "c", option, value)
+        assert_user_error(code, out, option, "'none'")
+    assert not (tmp_path / "c").exists()

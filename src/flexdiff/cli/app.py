@@ -126,6 +126,19 @@ def parse_ints(text: str, option: str, minimum: int = 1) -> tuple[int, ...]:
     return values
 
 
+def parse_row_ints(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+    """A bench option listing rows by step count or interval: None (the preset's), 'none' (no such rows) or
+    whole numbers of at least 1."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return parse_ints(text, option)
+    except FlexdiffError as e:
+        raise FlexdiffError(f"{e} (or 'none' for no such rows)") from None
+
+
 def check_schedule_options(schedule: Optional[Path], sampler: Optional[str], steps: Optional[int],
                            deepcache: Optional[int], branch: Optional[int]) -> None:
     """Options that would be ignored are refused, before anything is read or written: a schedule file says the
