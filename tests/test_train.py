@@ -110,3 +110,42 @@ def test_a_diverging_fit_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(FlexdiffError, match="diverged at step 1: the weights are no longer finite"):
         fit.run(lambda step, gen: step_loss(0, gen))
     assert not (tmp_path / "ck2.pt").exists()
+
+
+def test_init_from_continues_a_model_and_is_part_of_the_runs_identity(tmp_path):
+    """`flexdiff train --init-from FOLDER` starts from that model's weights (its snapshot step 0 is that model), the
+    start is part of the run's identity (a checkpoint resumes only from the same one), and a model of another shape
+    is refused with one line before anything is written."""
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from flexdiff.cli import app
+    from flexdiff.fingerprints import weights_fingerprint
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    common = ["train", "--data", str(folder), "--steps", "2", "--batch-size", "2", "--resolution", "16"]
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    start = load_model(tmp_path / "a").unet
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"),
+                                      "--snapshot-every", "1"])
+    assert result.exit_code == 0, result.output
+    step0 = load_model(tmp_path / "b" / "snapshots" / "step-000000").unet
+    assert weights_fingerprint(step0) == weights_fingerprint(start)
+    summary = __import__("json").loads((tmp_path / "b" / "training_summary.json").read_text())
+    assert summary["config"]["init_from"] == weights_fingerprint(start)
+    assert weights_fingerprint(load_model(tmp_path / "b").unet) != weights_fingerprint(start)  # it trained on
+
+    with pytest.raises(Killed):
+        train(tiny_unet(), _images(), tmp_path / "c", replace(CFG, init_from="aaaa"), on_step=_kill_at(4))
+    with pytest.raises(FlexdiffError, match="--init-from aaaa then, bbbb now"):
+        train(tiny_unet(), _images(), tmp_path / "c", replace(CFG, init_from="bbbb"))
+
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "d"), "--init-from", "default-transformer"])
+    assert result.exit_code == 2 and "--init-from default-transformer" in result.output, result.output
+    assert not (tmp_path / "d").exists()

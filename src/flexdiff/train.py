@@ -44,6 +44,9 @@ class TrainConfig(Config):
     lr_schedule: str = "cosine"
     label_dropout: float = 0.1  # fraction of labels replaced by the null label (conditional models)
     snapshot_every: int = 0  # also save the EMA model every N steps under snapshots/ (0: never)
+    # the weights fingerprint of the model the run started from (`flexdiff train --init-from`), "" for a fresh
+    # initialisation from `seed`: part of the run's identity, so a checkpoint resumes only from the same start
+    init_from: str = ""
 
     def check(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -217,6 +220,8 @@ def train(
             save_model(debiased_ema(ema, fit.state["init"], cfg.ema_decay, done), scheduler_config,
                        out_dir / "snapshots" / f"step-{done:06d}", tokens)
 
+    if cfg.snapshot_every and cfg.init_from and not fit.losses:  # a continued run: its step 0 is the model it began
+        save_model(copy.deepcopy(unet).eval(), scheduler_config, out_dir / "snapshots" / "step-000000", tokens)
     fit.run(step_loss, progress, "training", describe=lambda f: f"training loss {f.mean_loss(50):.4f}",
             after_step=after_step)
     losses, elapsed, init = fit.losses, fit.elapsed, fit.state["init"]

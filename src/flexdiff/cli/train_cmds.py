@@ -38,6 +38,7 @@ def train(
     snapshot_every: int = typer.Option(0, min=0, help="Also save the EMA model every N steps under OUT/snapshots/ (0: never)."),
     seed: int = typer.Option(0, min=0, max=2**32 - 1),
     checkpoint_every: int = typer.Option(250, min=1, help="Steps between checkpoints; a killed run resumes from the last one."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this model's weights instead of a fresh initialisation (a model folder of the same --arch and shape, or default / default-transformer): more training for a shipped model whose checkpoint is gone. The optimiser starts afresh (with --warmup); with --snapshot-every the start is saved as snapshot step 0."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     device: str = DeviceOpt,
     dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16 (autocast with float32 master weights; auto picks it on a GPU that has it). float16 is refused: it needs loss scaling."),
@@ -81,6 +82,13 @@ def train(
         images = load_image_folder(data, resolution)
         c = images.shape[1]
         unet = build_default_unet(seed, sample_size=resolution, in_channels=c, out_channels=c, num_class_embeds=None)
+    if init_from is not None:
+        from dataclasses import replace
+
+        from ..fingerprints import weights_fingerprint
+
+        start_weights(unet, init_from)
+        cfg = replace(cfg, init_from=weights_fingerprint(unet))
     t0 = time.perf_counter()
     with run_folder(out), progress_bar() as progress:
         summary = run_train(unet, images, out, cfg, scheduler_config=sched, progress=progress, labels=labels,
@@ -89,6 +97,22 @@ def train(
         f"trained {steps} steps on {images.shape[0]} images; final loss {summary['final_loss_last200']:.4f}; "
         f"this run {time.perf_counter() - t0:.0f} s, total {summary['wall_time_s']:.0f} s -> {out}"
     )
+
+
+def start_weights(model, source: str) -> None:
+    """Load `source`'s weights into `model` (the freshly built one of the same --arch), refusing a folder whose model
+    is of another class or shape, before anything is written."""
+    from ..models import load_model
+
+    other = load_model(Path(source), "--init-from").unet
+    mine, theirs = model.state_dict(), other.state_dict()
+    if type(other) is not type(model) or mine.keys() != theirs.keys() or \
+            any(mine[k].shape != theirs[k].shape for k in mine):
+        what = "of another shape" if type(other) is type(model) else "not"
+        raise FlexdiffError(f"--init-from {source}: a {type(other).__name__}, {what} the {type(model).__name__} this "
+                            "--arch trains; give a folder this command trained (or default with --arch unet, "
+                            "default-transformer with --arch transformer)")
+    model.load_state_dict({k: v.float() for k, v in theirs.items()})
 
 
 @app.command("train-classifier")
