@@ -219,3 +219,29 @@ def test_the_intervals_command_takes_a_transformer_and_experts_refuses_a_sampler
                     "--images", "8")
     assert code == 0, out
     assert (tmp_path / "iv" / "intervals.json").exists() and (tmp_path / "iv" / "similarity.png").exists()
+
+
+def test_a_partial_schedule_runs_on_a_mixture_of_transformers_of_other_depths(tmp_path):
+    """A mixture's experts cut one branch at other blocks (a 4-block expert's (1, 1) ends at block 3, an 8-block
+    one's at block 7): every expert's full steps record its own boundaries. They recorded only the shallowest
+    expert's, and a partial step on the deeper expert found nothing cached (the composed search crashed)."""
+    from flexdiff.anatomy import noise_shape
+    from flexdiff.engine import StepEngine
+    from flexdiff.mixture import Intervals, save_mixture
+    from flexdiff.models import DEFAULT_LABEL_TOKENS, load_model, save_model
+    from flexdiff.samplers import FLOW_SCHEDULER_CONFIG
+    from flexdiff.sampling import initial_noise, model_conditioning, sample
+    from flexdiff.schedule import Schedule
+
+    deep = load_model(save_model(build_default_transformer(0), FLOW_SCHEDULER_CONFIG, tmp_path / "d",
+                                 DEFAULT_LABEL_TOKENS)).unet
+    shallow = load_model(save_model(build_default_transformer(1, num_layers=1, num_single_layers=3),
+                                    FLOW_SCHEDULER_CONFIG, tmp_path / "s", DEFAULT_LABEL_TOKENS)).unet
+    save_mixture([deep, shallow], Intervals((0, 500), 1000), [SubnetSpec((96,), (1,) * 8), SubnetSpec((96,), (1,) * 4)],
+                 FLOW_SCHEDULER_CONFIG, tmp_path / "mix")
+    mix = load_model(tmp_path / "mix")
+    noise = initial_noise(3, noise_shape(mix.unet), 0)
+    schedule = Schedule.deepcache("flow-euler", 8, 2, 0)  # full, partial, ...: partial steps in both intervals
+    assert StepEngine(mix.unet, schedule).needed == {1, 3, 7}  # (1, 1) on each expert: blocks 1 and 3, 1 and 7
+    out = sample(mix.unet, mix.scheduler_config, schedule, noise, cond=model_conditioning(mix, 3))
+    assert torch.isfinite(out.images).all() and out.calls["partial"] == 4

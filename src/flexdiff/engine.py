@@ -171,10 +171,10 @@ class StepEngine:
         self.reset()
 
     def _needed(self, schedule: Schedule) -> frozenset:
-        """The block boundaries a transformer's full steps record: those the schedule's partial steps cut at."""
-        bounds = getattr(self.anatomy, "boundaries", None)
-        return frozenset(k for s in schedule.steps if s.kind is StepKind.PARTIAL and bounds
-                         for k in bounds(s.branch))
+        """The block boundaries a transformer's full steps record: those the schedule's partial steps cut at, in
+        every expert of a mixture (experts of other depths cut the same branch at other blocks)."""
+        return frozenset(k for a in self.anatomies if hasattr(a, "boundaries")
+                         for s in schedule.steps if s.kind is StepKind.PARTIAL for k in a.boundaries(s.branch))
 
     def scheduler_mismatch(self) -> str | None:
         """Why the pipeline's scheduler does not fit the schedule (kind, step count, timesteps); None if it does."""
