@@ -37,4 +37,6 @@ def test_a_lora_adapter_runs_a_schedule_with_the_merged_models_outputs():
     for layer in layers:
         layer.merge()  # the adapter folded into the weights
     merged = run(adapted)
-    assert torch.allclose(with_adapter.images, merged.images, atol=1e-4, rtol=1e-4)
+    # the same up to float32 round-off at the images' own scale (this random model's outputs reach hundreds)
+    scale = float(with_adapter.images.abs().max())
+    torch.testing.assert_close(merged.images, with_adapter.images, atol=1e-6 * scale, rtol=1e-4)
