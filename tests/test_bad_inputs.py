@@ -78,6 +78,10 @@ CASES += [
      "error: --reference"),
     (["bench", "--model", "{model}", "--expert-budget-kind", "watts", "--out", "{out}"], "--budget-kind 'watts'"),
     (["experts", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),
+    (["experts", "--model", "{model}", "--data", "{images}", "--agent-score", "fid", "--out", "{out}"],
+     "--agent-score 'fid'; accepted: teacher, denoise"),
+    (["experts", "--model", "{model}", "--data", "{images}", "--agent-spend", "1.2", "--out", "{out}"],
+     "--agent-spend 1.2"),
     (["intervals", "--model", "{model}", "--data", "{images}", "--k", "50", "--out", "{out}"], "--k 50"),
     (["intervals", "--model", "{model}", "--measure", "l2", "--out", "{out}"], "--measure 'l2'"),
     # where the model runs: a device this machine lacks, an unknown dtype (before anything is read or written)

@@ -124,6 +124,42 @@ def test_budget_choice_is_the_best_feasible_joint_setting():
         choose_within_budget(logps, macs, 0.5)
 
 
+def test_budget_choice_spends_the_budget_when_asked():
+    rng = np.random.default_rng(1)
+    logps = [np.log(rng.dirichlet(np.ones(6))) for _ in range(3)]
+    macs = [rng.uniform(1, 10, 6) for _ in range(3)]
+    budget, spend = 18.0, 0.9
+    combos = list(itertools.product(range(6), repeat=3))
+    cost = {ks: sum(m[k] for m, k in zip(macs, ks)) for ks in combos}
+    score = {ks: sum(lp[k] for lp, k in zip(logps, ks)) for ks in combos}
+    in_window = [ks for ks in combos if spend * budget <= cost[ks] <= budget]
+    mode = max((ks for ks in combos if cost[ks] <= budget), key=score.get)
+    assert cost[mode] < spend * budget  # the case that matters: the plain mode leaves budget unspent
+    picks = tuple(choose_within_budget(logps, macs, budget, spend))
+    assert spend * budget <= cost[picks] <= budget
+    assert score[picks] == pytest.approx(max(score[ks] for ks in in_window), abs=1e-12)
+    assert tuple(choose_within_budget(logps, macs, budget, 0.0)) == mode
+    # no setting reaches the floor (every cost below it): the most probable one within the budget, as without it
+    assert tuple(choose_within_budget(logps, macs, 100.0, 0.9)) == max(combos, key=score.get)
+
+
+def test_agent_scores_sub_networks_on_the_teachers_prediction(tmp_path, sched_cfg):
+    teacher = tiny_unet(seed=5)
+    elastics = [ElasticUNet(tiny_unet(seed=s)) for s in (1, 2)]
+    batches = [_batches(sched_cfg, 0, 499, teacher), _batches(sched_cfg, 500, 999, teacher)]
+    space = _space(elastics[0])
+    runs = {}
+    for score in ("teacher", "denoise"):
+        cfg = AgentConfig(steps=1, samples=2, batch_size=4, score=score)
+        train_agent(elastics, batches, space, [3, 7], 0.7, tmp_path / score, cfg)
+        runs[score] = json.loads((tmp_path / score / "history.json").read_text())[0]["losses"]
+    # the same draws (same seed): the denoising loss adds the regression target's error to the teacher distance
+    assert all(0 < t < d for t, d in zip(runs["teacher"], runs["denoise"]))
+    with pytest.raises(FlexdiffError, match="--agent-score 'fid'"):
+        train_agent(elastics, batches, space, [3, 7], 0.7, tmp_path / "bad", AgentConfig(steps=1, score="fid"))
+    assert not (tmp_path / "bad" / "agent.pt").exists()
+
+
 def test_impossible_budget_is_refused_before_training():
     e = ElasticUNet(tiny_unet())
     space = _space(e)

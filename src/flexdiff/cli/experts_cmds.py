@@ -73,6 +73,8 @@ def experts_cmd(
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Number of intervals (default: knee rule)."),
     elastic_steps: int = typer.Option(200, min=1, help="Sandwich-rule steps per elastic expert."),
     agent_steps: int = typer.Option(150, min=1, help="Routing agent steps."),
+    agent_score: str = typer.Option("teacher", "--agent-score", help="What the agent compares sub-networks on: teacher (their distance to the teacher's prediction) or denoise (the denoising + distillation loss, as before 2026-12)."),
+    agent_spend: float = typer.Option(0.9, "--agent-spend", help="The final choice spends at least this fraction of the budget, where a setting does (0: the most probable setting within the budget, as before 2026-12)."),
     final_steps: int = typer.Option(1200, min=1, help="Fine-tuning steps per extracted expert."),
     batch_size: int = typer.Option(64, min=1),
     seed: int = typer.Option(0, min=0, max=2**32 - 1),
@@ -105,7 +107,8 @@ def experts_cmd(
     sampler = check_sampler_fits(sampler, loaded.scheduler_config) if sampler is not None else \
         default_sampler(loaded.scheduler_config)
     cfg = ExpertsConfig(budget=budget, sampler=sampler, num_steps=steps, k=k, elastic_steps=elastic_steps,
-                        agent_steps=agent_steps, final_steps=final_steps, batch_size=batch_size, seed=seed,
+                        agent_steps=agent_steps, agent_score=agent_score, agent_spend=agent_spend,
+                        final_steps=final_steps, batch_size=batch_size, seed=seed,
                         budget_kind=budget_kind, latency_batch=latency_batch)
     images = training_images_from_option(data, loaded)
     t0 = time.perf_counter()

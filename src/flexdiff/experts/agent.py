@@ -11,8 +11,17 @@ a whole sampling run. The budget loss is on the *expected* MACs of that run,
 exact and differentiable (every spec's MACs are counted once):
     lambda * log(E[MACs] / budget) + w * log(E[MACs] / budget)^2,
 with lambda raised by dual ascent while over the budget. The agent, not a hand-set ratio,
-decides how the budget is split between experts. The final choice is the most probable joint
-setting that fits the budget (dynamic programming over the experts).
+decides how the budget is split between experts.
+
+What the agent compares (`score`): by default the distance of each sub-network's prediction to the
+teacher's on the same batch (the distillation term alone). The denoising loss ("denoise": the regression
+target plus the distillation term) carries the error no model can remove, which dominates at high noise and
+makes sub-networks of very different sizes look alike there (docs/experts.md, the transformer mixture).
+
+The final choice is the most probable joint setting that spends at least `spend` of the budget and no
+more than all of it (dynamic programming over the experts); where no setting lands in that window, the
+most probable one within the budget. A policy trained to spend the budget *on average* can have its mode far
+below it: taking the mode alone left a fifth of the budget unspent on the transformer.
 """
 
 from __future__ import annotations
@@ -46,8 +55,22 @@ class AgentConfig(Config):
     tau_start: float = 2.0
     tau_end: float = 0.3
     distill: float = 1.0
+    score: str = "teacher"  # what the sub-networks are compared on (SCORES)
+    spend: float = 0.9  # the final choice spends at least this fraction of the budget (where a setting does)
     seed: int = 0
     checkpoint_every: int = 25
+
+
+SCORES = ("teacher", "denoise")  # the distance to the teacher's prediction; the denoising + distillation loss
+
+
+def check_choice_rule(score: str, spend: float) -> None:
+    """The agent's scoring and final-choice settings, checked before any stage runs."""
+    if score not in SCORES:
+        raise FlexdiffError(f"--agent-score {score!r}; accepted: {', '.join(SCORES)}")
+    if not 0 <= spend <= 1:
+        raise FlexdiffError(f"--agent-spend {spend}: give the fraction of the budget the final choice must spend, "
+                            "in [0, 1] (0: the most probable setting within the budget)")
 
 
 class SpecSpace:
@@ -130,12 +153,34 @@ def _gumbel_hard(logits: torch.Tensor, tau: float, gen: torch.Generator) -> tupl
     return hard - y.detach() + y, k  # straight-through: one-hot forward, relaxed gradient
 
 
-def choose_within_budget(logps: list[np.ndarray], macs: list[np.ndarray], budget: float) -> list[int]:
-    """Maximise the summed log-probability over experts subject to sum of weighted MACs <= budget.
+def choose_within_budget(logps: list[np.ndarray], macs: list[np.ndarray], budget: float,
+                         spend: float = 0.0, resolution: int = 4000) -> list[int]:
+    """Maximise the summed log-probability over experts subject to spend * budget <= sum of weighted MACs <= budget.
 
-    `logps[e]`, `macs[e]`: flat arrays over expert e's specs (MACs already weighted by steps served).
-    Exact: the partial sums are kept as a Pareto front of (MACs, log-probability).
+    `logps[e]`, `macs[e]`: flat arrays over expert e's specs (MACs already weighted by steps served). When no
+    setting reaches `spend * budget`, the most probable one within the budget. With `spend` 0 the answer is exact
+    (a Pareto front of (MACs, log-probability) over the experts); with a floor the partial sums are kept per cost
+    bin of budget / `resolution` (the best log-probability in each), so the window is met exactly and the
+    log-probability to within that binning.
     """
+    if spend > 0:
+        lo = spend * budget
+        states: dict[int, tuple[float, float, list[int]]] = {0: (0.0, 0.0, [])}
+        for lp, m in zip(logps, macs):
+            nxt: dict[int, tuple[float, float, list[int]]] = {}
+            for c, s, picks in states.values():
+                for k in range(len(lp)):
+                    c2 = c + float(m[k])
+                    if c2 > budget * (1 + 1e-9):
+                        continue
+                    b = int(c2 / budget * resolution)
+                    s2 = s + float(lp[k])
+                    if b not in nxt or s2 > nxt[b][1]:
+                        nxt[b] = (c2, s2, picks + [k])
+            states = nxt
+        inside = [x for x in states.values() if x[0] >= lo * (1 - 1e-9)]
+        if inside:
+            return max(inside, key=lambda x: x[1])[2]
     front = [(0.0, 0.0, [])]
     for lp, m in zip(logps, macs):
         cand = [(c + float(m[k]), s + float(lp[k]), picks + [k]) for c, s, picks in front for k in range(len(lp))]
@@ -172,6 +217,10 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
 
     `space`: one for every expert, or one per expert (a transformer's experts each drop blocks in their own scored
     order, so the same choice index is another sub-network, of other MACs, for each; the choices' count is the same)."""
+    check_choice_rule(cfg.score, cfg.spend)
+    if cfg.score == "teacher" and any(b.teacher is None for b in batches):
+        raise FlexdiffError("the agent scores sub-networks against the teacher (--agent-score teacher), but its "
+                            "batches carry no teacher; give it one, or use --agent-score denoise")
     spaces = space if isinstance(space, list) else [space] * len(elastics)
     if len({s.shape for s in spaces}) != 1:
         raise FlexdiffError("the experts' spaces of sub-networks differ in shape; one routing agent cannot serve them")
@@ -210,7 +259,10 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
                     y = y * hard[k]
                 with torch.no_grad():
                     pred = b.predict(elastic, xt, t, kw, spec=spaces[e].spec([k for _, k in picks]))
-                    loss = float(denoise_loss(pred, regress_to, teacher_pred, cfg.distill))
+                    if cfg.score == "teacher":
+                        loss = float(F.mse_loss(pred, teacher_pred))
+                    else:
+                        loss = float(denoise_loss(pred, regress_to, teacher_pred, cfg.distill))
                 ys.append(y)
                 losses.append(loss)
             adv = torch.tensor(losses) - sum(losses) / len(losses)  # the siblings on the same batch are the baseline
@@ -248,7 +300,7 @@ def train_agent(elastics: list[ElasticUNet], batches: list[IntervalBatches], spa
     for e in range(len(elastics)):
         lp = [F.log_softmax(lg, -1) for lg in logits[e]]
         logps.append(np.array([float(sum(lp[f][k] for f, k in enumerate(idx))) for idx in idx_all]))
-    picks = choose_within_budget(logps, [c * n for c, n in zip(calls_all, served)], target)
+    picks = choose_within_budget(logps, [c * n for c, n in zip(calls_all, served)], target, cfg.spend)
     calls = [float(calls_all[e][k]) for e, k in enumerate(picks)]
     total = sum(c * n for c, n in zip(calls, served))
     full_call = space.full_cost

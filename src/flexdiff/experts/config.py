@@ -10,6 +10,7 @@ from ..configs import Config
 from ..errors import FlexdiffError
 from ..io import read_json, write_json
 from ..schedule import SAMPLERS
+from .agent import check_choice_rule
 from .intervals import MEASURES
 
 STAGES = ("intervals", "elastic", "agent", "final")
@@ -29,6 +30,8 @@ class ExpertsConfig(Config):
     importance_batches: int = 8
     elastic_steps: int = 200
     agent_steps: int = 150
+    agent_score: str = "teacher"  # what the agent compares sub-networks on (agent.SCORES)
+    agent_spend: float = 0.9  # the final choice spends at least this fraction of the budget (where one can)
     final_steps: int = 1200  # 400 left the mixture outside the teacher's interval (docs/experts.md)
     batch_size: int = 64
     lr: float = 5e-4
@@ -50,6 +53,7 @@ class ExpertsConfig(Config):
                   "sim_images", "importance_batches", "k_max"):
             if getattr(self, f) < 1:
                 raise FlexdiffError(f"--{f.replace('_', '-')} {getattr(self, f)}: must be at least 1")
+        check_choice_rule(self.agent_score, self.agent_spend)
         if self.k is not None and not 1 <= self.k <= self.sim_timesteps:
             # checked before any stage writes its settings.json, so a refused --k leaves nothing behind
             raise FlexdiffError(f"--k {self.k}: choose 1 to {self.sim_timesteps} intervals (the number of sampled "
@@ -60,7 +64,7 @@ class ExpertsConfig(Config):
         keys = dict(
             intervals=("k", "k_max", "measure", "sim_timesteps", "sim_images", "seed"),
             elastic=("importance_batches", "elastic_steps", "batch_size", "lr", "distill"),
-            agent=("budget", "sampler", "num_steps", "agent_steps"),
+            agent=("budget", "sampler", "num_steps", "agent_steps", "agent_score", "agent_spend"),
             final=("final_steps",),
         )
         out = {}

@@ -231,7 +231,7 @@ class ExpertsPipeline:
         space = [self.spec_space(e) for e in elastics]  # each expert's own (a transformer's: its blocks' order)
         batches = [self.batches(lo, hi) for lo, hi in iv.bounds()]
         acfg = AgentConfig(steps=self.cfg.agent_steps, batch_size=self.cfg.batch_size, distill=self.cfg.distill,
-                           seed=self.cfg.seed)
+                           score=self.cfg.agent_score, spend=self.cfg.agent_spend, seed=self.cfg.seed)
         result = train_agent(elastics, batches, space, served, budget, folder, acfg, self.progress,
                              "latency on this machine" if self.cfg.budget_kind == "latency" else "MACs")
         (folder / "agent.pt").unlink(missing_ok=True)
