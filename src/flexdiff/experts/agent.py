@@ -331,8 +331,9 @@ def plot_agent(history: list[dict], experts: list[dict], budget: float, path: Pa
     xs = np.arange(len(experts))
     a2.bar(xs, [x["fraction_of_full"] for x in experts], color="tab:blue")
     for i, x in enumerate(experts):
-        a2.text(i, x["fraction_of_full"] + 0.02, f"{x['steps_served']} steps\n" + "/".join(map(str, x["spec"]["widths"])),
-                ha="center", fontsize=8)
+        # widths, then depths (a transformer's: one keep flag per block)
+        shape = SubnetSpec.from_dict(x["spec"]).label()
+        a2.text(i, x["fraction_of_full"] + 0.02, f"{x['steps_served']} steps\n{shape}", ha="center", fontsize=8)
     a2.set_xticks(xs, [f"expert {i}" for i in xs])
     a2.set_ylim(0, 1.25)
     a2.set_ylabel("MACs per call / full model")
