@@ -7,7 +7,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "flexdiff"
 CORE = ("errors", "io", "fingerprints", "parallel", "conditioning", "pipelines", "schedule", "samplers", "mixture", "anatomy", "transformer_anatomy", "runs", "engine", "models", "cost", "devices",
-        "sampling")
+        "sampling", "prefixes")
 UPPER = ("search", "experts", "bench", "cli")
 
 

@@ -146,6 +146,22 @@ def test_prepared_reference_distance_equals_frechet_distance_even_when_singular(
         assert _Side.of(*_stats(b)).distance(*_stats(a)) == pytest.approx(direct, rel=1e-6, abs=1e-8)
 
 
+def test_factored_distances_equal_the_covariance_route():
+    """The distances in a covariance factor's row space (bootstrap rounds with rows drawn 0 times, class weights,
+    fewer and more rows than features) equal the direct formula on the same weighted covariances."""
+    from flexdiff.metrics.fid import _factor, _frechet_factored, _Side
+
+    rng = np.random.default_rng(0)
+    dim = _gauss(2, seed=0).shape[1]
+    for n_a, n_b in ((dim // 2, dim // 2), (dim // 2, 3 * dim), (3 * dim, 3 * dim)):
+        a, b = _gauss(n_a, seed=1), _gauss(n_b, seed=2) * 1.3 + 0.2
+        for w in (None, np.bincount(rng.integers(0, n_a, n_a), minlength=n_a).astype(float),
+                  rng.uniform(0.2, 3.0, n_a) * (rng.uniform(size=n_a) > 0.3)):
+            direct = frechet_distance(*_stats(a, w), *_stats(b))
+            assert _Side.of(*_stats(b)).distance_factored(*_factor(a, w)) == pytest.approx(direct, rel=1e-6, abs=1e-8)
+            assert _frechet_factored(*_factor(a, w), *_factor(b)) == pytest.approx(direct, rel=1e-6, abs=1e-8)
+
+
 def test_interval_and_paired_difference_share_their_bootstrap_rounds():
     """A set's distance in each round is the same whether it feeds its own interval or a paired difference, so
     the paired difference of a set with itself is exactly 0 ± 0 and equals the difference of the two intervals'

@@ -15,6 +15,7 @@ from .engine import StepEngine
 from .errors import FlexdiffError
 from .mixture import is_mixture
 from .models import UNet
+from .prefixes import PrefixCache, restore_scheduler
 from .samplers import make_scheduler, num_train_timesteps, set_timesteps
 from .schedule import Schedule
 
@@ -43,7 +44,7 @@ class SampleResult:
 
 
 def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
-                  cond: Conditioning | None) -> torch.Tensor:
+                  cond: Conditioning | None, prefixes: PrefixCache | None = None, batch: int = 0) -> torch.Tensor:
     engine.reset()
     # the model's device and dtype; the noise comes from the CPU and the sampler's arithmetic stays in float32
     device, dtype = placement(unet)
@@ -53,7 +54,16 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
     kwargs = to_model(kwargs, device, dtype)
     guided = cond is not None and cond.guided
     call = call_anatomy(unet)  # how the model takes the latents and the timestep (FLUX: packed, t / 1000)
-    for t in scheduler.timesteps:
+    schedule, timesteps, start = engine.schedule, scheduler.timesteps, 0
+    resume = prefixes.lookup(schedule, timesteps, batch) if prefixes is not None else None
+    if resume is not None:  # an earlier run of the same first steps: go on from its state (prefixes.py)
+        start, x = resume.step, resume.latents
+        restore_scheduler(scheduler, resume.scheduler_state)
+    for i, t in enumerate(timesteps):
+        if i < start:
+            continue
+        if prefixes is not None and i > start:
+            prefixes.store(schedule, timesteps, batch, i, x, scheduler)
         model_in = torch.cat([x, x]) if guided else x
         model_in = scale(model_in, t) if scale is not None else model_in
         # the timestep stays as the scheduler has it (float32 or int64): the engine places each call by it
@@ -77,16 +87,21 @@ def sample(
     cond: Conditioning | None = None,
     progress=None,
     description: str | None = None,
+    prefixes: PrefixCache | None = None,
 ) -> SampleResult:
     """Draw one sample per row of `noise`, running `schedule` on `unet`.
 
     A class-conditional UNet2DModel without `cond` samples unconditionally (the null label).
     The hooks are attached for the call and removed afterwards, so `unet` is unchanged.
+    `prefixes`: states of earlier runs on the same model, noise and conditioning to resume from where this
+    schedule begins as one of them did (the images are the same; `calls` then counts only the calls that ran).
     """
     first = unet.experts[0] if is_mixture(unet) else unet  # a mixture: its experts' class
     if takes_text(first) and cond is None:
         raise FlexdiffError(f"this {type(first).__name__} is conditioned on text: pass conditioning "
                             "(encoder_hidden_states)")
+    if prefixes is not None:  # the caller's objects: the same ones each call keep the cache
+        prefixes.bind(unet, noise, cond)
     cond = cond if cond is not None else null_conditioning(unet)
     schedule.check_fits(num_branches(unet), num_train_timesteps=num_train_timesteps(scheduler_config))
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
@@ -104,7 +119,7 @@ def sample(
             chunk = noise[start:start + batch_size]
             set_timesteps(scheduler, schedule, tokens)  # also resets the multistep solver's history
             part = cond.rows(start, start + len(chunk)) if cond is not None else None
-            outs.append(_sample_batch(unet, scheduler, engine, chunk, part))
+            outs.append(_sample_batch(unet, scheduler, engine, chunk, part, prefixes, start))
             if task is not None:
                 progress.update(task, advance=len(chunk))
         calls = dict(engine.calls)

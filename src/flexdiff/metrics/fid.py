@@ -7,6 +7,7 @@ with the kernel k(x, y) = (x.y / D + 1)^3.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,35 @@ def _stats(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.n
     mu = (w[:, None] * x).sum(0) / n
     xc = x - mu
     return mu, (xc * w[:, None]).T @ xc / (n - 1)
+
+
+def _factor(x: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and a factor A of the (unbiased, weighted) covariance, cov = A^T A: the centred rows scaled by
+    sqrt(weight / (n - 1)), rows of weight 0 left out. A bootstrap round draws about 63% of the rows, so A has
+    fewer rows than features on a few hundred samples, and the distances below work in that smaller space."""
+    if w is None:
+        mu = x.mean(0)
+        return mu, (x - mu) / np.sqrt(len(x) - 1)
+    n = w.sum()
+    mu = (w[:, None] * x).sum(0) / n
+    keep = w > 0
+    return mu, (x[keep] - mu) * np.sqrt(w[keep] / (n - 1))[:, None]
+
+
+def _sum_sqrt_eigvals(m: np.ndarray) -> float:
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+
+
+def _frechet_factored(mu1: np.ndarray, a1: np.ndarray, mu2: np.ndarray, a2: np.ndarray) -> float:
+    """The Fréchet distance of two sets given as (mean, covariance factor). Tr((S1 S2)^1/2) is the sum of the
+    singular values of A1 A2^T (the eigenvalues of S1 S2 are those of A1 A2^T A2 A1^T), a problem of the size of
+    the smaller row count; with more rows than features, the covariances' own route (`frechet_distance`)."""
+    _check_finite(mu1, a1, mu2, a2)
+    if max(len(a1), len(a2)) > a1.shape[1]:
+        return frechet_distance(mu1, a1.T @ a1, mu2, a2.T @ a2)
+    diff = mu1 - mu2
+    nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+    return float(diff @ diff + (a1 * a1).sum() + (a2 * a2).sum() - 2 * nuclear)
 
 
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
@@ -75,27 +105,39 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
 
 @dataclass(frozen=True)
 class _Side:
-    """One set's statistics prepared for many distances to it: mean, symmetric PSD square root of the
-    covariance (through an eigendecomposition, so a singular covariance is fine) and the covariance's trace."""
+    """One set's statistics prepared for many distances to it: mean, covariance and its trace, and (made when first
+    needed) the covariance's symmetric PSD square root, through an eigendecomposition, so a singular covariance is
+    fine."""
 
     mu: np.ndarray
-    root: np.ndarray
+    cov: np.ndarray
     trace: float
 
     @classmethod
     def of(cls, mu: np.ndarray, cov: np.ndarray) -> "_Side":
         _check_finite(mu, cov)
-        ev, v = np.linalg.eigh((cov + cov.T) / 2)
-        return cls(mu, (v * np.sqrt(np.clip(ev, 0, None))) @ v.T, float(np.trace(cov)))
+        return cls(mu, (cov + cov.T) / 2, float(np.trace(cov)))
+
+    @functools.cached_property
+    def root(self) -> np.ndarray:
+        ev, v = np.linalg.eigh(self.cov)
+        return (v * np.sqrt(np.clip(ev, 0, None))) @ v.T
 
     def distance(self, mu: np.ndarray, cov: np.ndarray) -> float:
         """The Fréchet distance of (mu, cov) to this set: Tr((R S R)^1/2) with R = this set's root has the
         eigenvalues of S1 S2, so it is the same distance as `frechet_distance`, with no factorisation of S."""
         _check_finite(mu, cov)
-        m = self.root @ cov @ self.root
         diff = mu - self.mu
-        sqrt_trace = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-        return float(diff @ diff + np.trace(cov) + self.trace - 2 * sqrt_trace)
+        return float(diff @ diff + np.trace(cov) + self.trace - 2 * _sum_sqrt_eigvals(self.root @ cov @ self.root))
+
+    def distance_factored(self, mu: np.ndarray, a: np.ndarray) -> float:
+        """The same distance for a set given as (mean, covariance factor A): Tr((A S A^T)^1/2) with this set's S has
+        the same eigenvalues again, in A's row count; with more rows than features, `distance`."""
+        if len(a) > a.shape[1]:
+            return self.distance(mu, a.T @ a)
+        _check_finite(mu, a)
+        diff = mu - self.mu
+        return float(diff @ diff + (a * a).sum() + self.trace - 2 * _sum_sqrt_eigvals(a @ self.cov @ a.T))
 
 
 _REFERENCE_ROUNDS: dict[tuple, list[_Side]] = {}
@@ -123,7 +165,7 @@ def _reference_rounds(ref: np.ndarray, n_boot: int, seed: int) -> list[_Side]:
 
 
 def fid(x: np.ndarray, y: np.ndarray) -> float:
-    return frechet_distance(*_stats(x), *_stats(y))
+    return _frechet_factored(*_factor(x), *_factor(y))
 
 
 def _counts(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -182,8 +224,8 @@ def _distances(x: np.ndarray, ref: np.ndarray, n_boot: int, seed: int, labels: n
     if key not in _DISTANCES:
         rng = np.random.default_rng(seed)
         refs = _reference_rounds(ref, n_boot, seed)
-        out = [refs[0].distance(*_stats(x, _weights(labels, shares, None)))]
-        out += [refs[i].distance(*_stats(x, _weights(labels, shares, _counts(rng, len(x)))))
+        out = [refs[0].distance_factored(*_factor(x, _weights(labels, shares, None)))]
+        out += [refs[i].distance_factored(*_factor(x, _weights(labels, shares, _counts(rng, len(x)))))
                 for i in range(1, n_boot + 1)]
         while len(_DISTANCES) >= _MAX_DISTANCES:
             _DISTANCES.pop(next(iter(_DISTANCES)))
@@ -253,7 +295,7 @@ def relative_fid(x: np.ndarray, teacher: np.ndarray, n_boot: int = 200, level: f
     boots = []
     for _ in range(n_boot):
         w = _counts(rng, len(x))
-        boots.append(frechet_distance(*_stats(x, w), *_stats(teacher, w)))
+        boots.append(_frechet_factored(*_factor(x, w), *_factor(teacher, w)))
     return _interval(value, boots, level)
 
 

@@ -15,6 +15,7 @@ from ..io import load_cache, save_safetensors
 from ..metrics import QualityMeter
 from ..metrics.fid import fid
 from ..models import LoadedModel
+from ..prefixes import PrefixCache
 from ..sampling import initial_noise, model_conditioning, sample
 from ..schedule import Schedule
 
@@ -60,6 +61,8 @@ class Fitness:
                           batch_size=batch_size, labels=tuple(labels), guidance=guidance, prompts=tuple(prompts),
                           negative_prompt=negative_prompt, class_guard=class_guard)
         self.noise = initial_noise(samples, noise_shape(model.unet), seed)
+        # candidates that begin with the same steps resume from one another's states (exact; prefixes.py)
+        self.prefixes = PrefixCache()
         self.cond = model_conditioning(model, samples, tuple(labels), tuple(prompts), negative_prompt, guidance)
         # the teacher's images depend on the labels, prompts and guidance: all in the cache's name
         tag = conditioning_tag(tuple(labels), guidance, tuple(prompts), negative_prompt)
@@ -78,13 +81,13 @@ class Fitness:
         """Keyword arguments that rebuild this fitness elsewhere (a Ray worker) without redrawing the teacher."""
         return dict(self._args, teacher_features=self.teacher)
 
-    def _images(self, schedule: Schedule, description: str) -> torch.Tensor:
+    def _images(self, schedule: Schedule, description: str, prefixes: PrefixCache | None = None) -> torch.Tensor:
         latents = sample(self.model.unet, self.model.scheduler_config, schedule, self.noise, self.batch_size,
-                         cond=self.cond, progress=self.progress, description=description).images
+                         cond=self.cond, progress=self.progress, description=description, prefixes=prefixes).images
         return self.model.decode(latents)  # scored on the images a user sees
 
     def features(self, schedule: Schedule) -> np.ndarray:
-        return self.meter.features(self._images(schedule, schedule.describe()))
+        return self.meter.features(self._images(schedule, schedule.describe(), self.prefixes))
 
     def score(self, feats: np.ndarray, metric: str | None = None) -> float:
         """The fitness of features drawn on the evaluation noise (by this fitness's metric, or `metric`)."""
