@@ -3,9 +3,10 @@
 FirstBlockCache, TaylorSeer, MagCache, PyramidAttentionBroadcast and FasterCache are applied through diffusers'
 public API (`diffusers.hooks.apply_*`) to a copy of the bench's model and run by flexdiff's own sampling loop over
 a plain sampler (the same noise, conditioning and batches as every other row). They decide at run time, call by
-call, whether to compute, so a row's MACs are not known from a schedule: they are counted from the calls that
-actually ran (torch's FLOP counter around each batch; every row of a batch shares the hooks' decisions), and the
-spread over batches is reported. The wall-clock is a second run of the same batches without the counter.
+call, whether to compute, so a row's MACs are not known from a schedule: they are counted from the modules whose
+own forward actually ran (`MacsCounter`), per batch (every row of a batch shares the hooks' decisions), and the
+spread over batches is reported. The count costs a dictionary increment per module call, so the same run gives the
+images, the MACs and the wall-clock.
 MagCache is calibrated as its documentation says: one run with `calibrate=True` on the same sampler, whose
 printed ratios configure the real runs. A hook that cannot run on the model is reported with the reason.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import functools
 import io
 import time
 from dataclasses import dataclass
@@ -114,10 +116,96 @@ def _apply(peer: HookPeer, model, config) -> None:
     apply(model, config)
 
 
-def _hooked_copy(model, peer: HookPeer, mag_ratios=None, calibrate: bool = False):
+class MacsCounter:
+    """The MACs of the calls a hooked model actually made.
+
+    Installed on a model before diffusers' hooks, it wraps each module's own `forward`; a hook that skips a module
+    (returns a cached output, or predicts it) never calls that wrapped forward, so the module's calls counted are
+    the ones that computed. Each module's own MACs per call (its children's left out) come from torch's FLOP counter
+    on one call of the unhooked model with the same inputs, made once per input shape. A batch's MACs are then the
+    calls counted times those MACs (tests/test_bench_peers.py checks them against the FLOP counter around the hooked
+    run itself)."""
+
+    def __init__(self, model: torch.nn.Module, reference: torch.nn.Module):
+        self.reference = reference  # the same modules under the same names, without hooks
+        self.calls: dict[str, int] = {}
+        self._first: tuple | None = None  # the first call's inputs of the batch being counted
+        self._own: dict[tuple, dict[str, float]] = {}  # input shapes -> MACs of each module's own work per call
+        for name, module in model.named_modules():
+            module.forward = self._counting(name, module.forward)
+
+        def first(module, args, kwargs):
+            if self._first is None:
+                self._first = (args, kwargs)
+
+        model.register_forward_pre_hook(first, with_kwargs=True)
+
+    def _counting(self, name: str, forward):
+        calls = self.calls
+
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return forward(*args, **kwargs)
+
+        return functools.update_wrapper(counted, forward)
+
+    def start(self) -> None:
+        """A new batch: nothing counted yet."""
+        self.calls.clear()
+        self._first = None
+
+    def macs(self) -> float:
+        """MACs of the calls counted since `start`."""
+        if self._first is None:
+            return 0.0
+        own = self._own_macs(*self._first)
+        return sum(n * own.get(name, 0.0) for name, n in self.calls.items())
+
+    def _own_macs(self, args, kwargs) -> dict[str, float]:
+        shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
+        if shapes not in self._own:
+            self._own[shapes] = _own_macs_per_call(self.reference, args, kwargs)
+        return self._own[shapes]
+
+
+def _own_macs_per_call(model: torch.nn.Module, args, kwargs) -> dict[str, float]:
+    """Each module's MACs in one forward of `model`, its children's left out, per call of it."""
+    own: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    stack: list[list] = []  # [name, counter total at entry, children's MACs]
+    counter = FlopCounterMode(display=False)
+
+    def enter(name):
+        def pre(module, inputs):
+            stack.append([name, counter.get_total_flops(), 0])
+        return pre
+
+    def leave(module, inputs, output):
+        name, start, children = stack.pop()
+        inclusive = counter.get_total_flops() - start
+        own[name] = own.get(name, 0.0) + (inclusive - children) / 2
+        calls[name] = calls.get(name, 0) + 1
+        if stack:
+            stack[-1][2] += inclusive
+
+    handles = []
+    for name, module in model.named_modules():
+        handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        with counter, torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: own[name] / calls[name] for name in own}
+
+
+def _hooked_copy(model, peer: HookPeer, mag_ratios=None, calibrate: bool = False, count: bool = False):
     """A copy of `model` with the peer's hook applied, the cache context set, and the current scheduler
-    timestep kept where PAB and FasterCache read it."""
+    timestep kept where PAB and FasterCache read it. `count`: a `MacsCounter` installed under the hooks, returned
+    beside the copy."""
     m = copy.deepcopy(model)
+    counter = MacsCounter(m, model) if count else None
     anat, now = anatomy(m), {"t": 1000.0}
 
     def remember(module, args, kwargs):
@@ -126,7 +214,7 @@ def _hooked_copy(model, peer: HookPeer, mag_ratios=None, calibrate: bool = False
     m.register_forward_pre_hook(remember, with_kwargs=True)
     _apply(peer, m, _config(peer, lambda: now["t"], mag_ratios, calibrate))
     _reset(m)
-    return m
+    return (m, counter) if count else m
 
 
 def _reset(model) -> None:
@@ -155,48 +243,42 @@ def calibrate_magcache(model, scheduler_config: dict, peer: HookPeer, noise, con
 @dataclass
 class PeerRun:
     images: torch.Tensor
-    seconds: float  # the timed second run, every batch
+    seconds: float  # the whole run, every batch
     macs: list[float]  # MACs per image of each batch (counted: the calls and blocks that ran)
 
 
 def run_peer(model, scheduler_config: dict, peer: HookPeer, noise: torch.Tensor, batch_size: int, cond=None,
              progress=None, mag_ratios: list[float] | None = None) -> PeerRun:
-    """Sample `noise` with the peer's hook on a copy of `model`; count each batch's MACs, then time a second run."""
+    """Sample `noise` with the peer's hook on a copy of `model`, timed, counting each batch's MACs as it runs."""
     from ..devices import placement, synchronize
     from ..sampling import sample
 
     try:
-        m = _hooked_copy(model, peer, mag_ratios)
+        m, counter = _hooked_copy(model, peer, mag_ratios, count=True)
     except Exception as e:  # diffusers refuses models its hook does not know
         raise FlexdiffError(f"{peer.name} cannot run on {type(model).__name__}: {str(e).splitlines()[0]}") from None
     device = placement(m)[0]
     outs, macs, seconds = [], [], 0.0
-    task = progress.add_task(peer.name, total=2 * len(noise)) if progress else None
-
-    def batches():  # each batch a fresh sampling run for the hooks
-        for start in range(0, len(noise), batch_size):
-            chunk = noise[start:start + batch_size]
-            _reset(m)
-            yield chunk, cond.rows(start, start + len(chunk)) if cond is not None else None
-            if task is not None:
-                progress.update(task, advance=len(chunk))
-
-    for chunk, part in batches():  # counted: images and MACs
-        with FlopCounterMode(display=False) as counter:
-            try:
-                outs.append(sample(m, scheduler_config, peer.base, chunk, batch_size=len(chunk), cond=part).images)
-            except FlexdiffError:
-                raise
-            except Exception as e:
-                raise FlexdiffError(f"{peer.name} cannot run on {type(model).__name__}: "
-                                    f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
-        macs.append(counter.get_total_flops() / 2 / len(chunk))
-    for chunk, part in batches():  # timed: the same batches without the counter
+    task = progress.add_task(peer.name, total=len(noise)) if progress else None
+    for start in range(0, len(noise), batch_size):  # each batch a fresh sampling run for the hooks
+        chunk = noise[start:start + batch_size]
+        part = cond.rows(start, start + len(chunk)) if cond is not None else None
+        _reset(m)
+        counter.start()
         synchronize(device)
         t0 = time.perf_counter()
-        sample(m, scheduler_config, peer.base, chunk, batch_size=len(chunk), cond=part)
+        try:
+            outs.append(sample(m, scheduler_config, peer.base, chunk, batch_size=len(chunk), cond=part).images)
+        except FlexdiffError:
+            raise
+        except Exception as e:
+            raise FlexdiffError(f"{peer.name} cannot run on {type(model).__name__}: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
         synchronize(device)
         seconds += time.perf_counter() - t0
+        macs.append(counter.macs() / len(chunk))  # after the clock: the reference call it may make is not timed
+        if task is not None:
+            progress.update(task, advance=len(chunk))
     if task is not None:
         progress.remove_task(task)
     return PeerRun(images=torch.cat(outs), seconds=seconds, macs=macs)
