@@ -151,11 +151,17 @@ def step_times(name: str, cfg: dict, device, dtype, batches, modes, branches_wan
 
 def readme_cbfd() -> dict[str, tuple[float, float]]:
     """The README's quick-bench rows: method -> (cbFD, its 95% half-width)."""
-    out = {}
+    out, column = {}, None
     for line in (ROOT / "README.md").read_text().splitlines():
+        if not line.startswith("|"):
+            column = None  # a table ended
+            continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8:
-            m = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[5])
+        if cells[0] == "method":  # a header: the cbFD column is found by its name
+            column = cells.index("cbFD") if "cbFD" in cells else None
+            continue
+        if column is not None and len(cells) > column:
+            m = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cells[column])
             if m:
                 out[cells[0]] = (float(m.group(1)), float(m.group(2)))
     return out

@@ -72,6 +72,14 @@ def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Put a model on `device` in `dtype`; the dtype is passed on only when it changes (diffusers warns at every
+    `to(dtype)`, also a float32 model cast to float32)."""
+    if placement(module)[1] != dtype:
+        module.to(dtype=dtype)
+    return module.to(device)
+
+
 def to_model(value, device: torch.device, dtype: torch.dtype):
     """A model input on the model's device: floating tensors in its dtype, integer ones (labels) as they are."""
     if isinstance(value, dict):

@@ -91,11 +91,11 @@ class LoadedModel:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoadedModel":
         """Move the denoiser and the pipeline's other parts (in place); None keeps what they have."""
-        from .devices import placement
+        from .devices import move, placement
 
         here, kind = placement(self.unet)
         device, dtype = torch.device(device) if device is not None else here, dtype or kind
-        self.unet.to(device=device, dtype=dtype)
+        move(self.unet, device, dtype)
         if self.parts is not None:
             self.parts.to(device, dtype)
         return self

@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 from .anatomy import call_anatomy
 from .conditioning import LabelTokens, label_inputs
 from .configs import Config
-from .devices import CPU_FLOAT32, autocast, runs_on, training_dtype
+from .devices import CPU_FLOAT32, autocast, move, runs_on, training_dtype
 from .errors import FlexdiffError
 from .fingerprints import data_fingerprint
 from .fit import Fit, flow_noised, noised, predict, warmup_cosine
@@ -151,7 +151,7 @@ def train(
     steps_T = num_train_timesteps(scheduler_config)
     alphas_cumprod = None if flow else DDPMScheduler(
         **{k: v for k, v in scheduler_config.items() if not k.startswith("_")}).alphas_cumprod.to(device)
-    unet.to(device=device, dtype=torch.float32).train().requires_grad_(True)
+    move(unet, device, torch.float32).train().requires_grad_(True)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     init = {k: v.detach().clone() for k, v in unet.named_parameters()}  # theta_0, for the EMA's bias correction
     data_fp = data_fingerprint(images, labels)
