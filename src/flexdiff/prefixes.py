@@ -9,8 +9,8 @@ latents and the scheduler's own state (a multistep solver's history, its step in
 a new schedule can resume from. The result is bit-identical to a run from the start: the same operations run on
 the same values (tests/test_prefixes.py checks it).
 
-A cache belongs to one model, noise and conditioning (a search's fitness): `bind` clears it when any of them
-changes.
+A cache belongs to one model, noise, conditioning and noise schedule (a search's fitness): `bind` clears it when
+any of them changes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .schedule import Schedule, StepKind
 
 # instance attributes of a scheduler that are not its state: the engine's wrappers (runs.watch_scheduler)
 _NOT_STATE = ("set_timesteps", "step")
-DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: about 170 states of a 256-sample transformer search on 16x16 digits
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: some 1,300 states of a 256-sample search on the 16x16 digits (0.8 MB each)
 
 
 @dataclass
@@ -79,9 +79,10 @@ class PrefixCache:
         self._bound: tuple | None = None
         self.steps_skipped = 0  # sampler steps resumed past instead of run (all batches)
 
-    def bind(self, model, noise: torch.Tensor, cond) -> None:
-        """Use the cache for this model, noise and conditioning; another one empties it first."""
-        bound = (id(model), id(noise), id(cond))
+    def bind(self, model, noise: torch.Tensor, cond, scheduler_config: dict | None = None) -> None:
+        """Use the cache for this model, noise, conditioning and noise schedule (the same objects); another one
+        empties it first."""
+        bound = (id(model), id(noise), id(cond), id(scheduler_config))
         if bound != self._bound:
             self.clear()
             self._bound = bound

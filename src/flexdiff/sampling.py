@@ -101,7 +101,7 @@ def sample(
         raise FlexdiffError(f"this {type(first).__name__} is conditioned on text: pass conditioning "
                             "(encoder_hidden_states)")
     if prefixes is not None:  # the caller's objects: the same ones each call keep the cache
-        prefixes.bind(unet, noise, cond)
+        prefixes.bind(unet, noise, cond, scheduler_config)
     cond = cond if cond is not None else null_conditioning(unet)
     schedule.check_fits(num_branches(unet), num_train_timesteps=num_train_timesteps(scheduler_config))
     scheduler = make_scheduler(schedule.sampler, scheduler_config)
