@@ -134,11 +134,13 @@ def main() -> None:
     def fmt(e):
         return f"{e.value:.2f} ± {_half(e):.2f}"
 
+    # a run continued from a shipped model (--init-from) ships at its step 0: its extra training has no percentage
+    more = f"+{100 * (args.extended - args.ship) / args.ship:.0f}%" if args.ship else f"+{args.extended} steps"
     md = [f"{sampler}-100, unconditional, {args.samples} samples on the same noise (seed {args.seed}), 95% intervals.",
           "",
           "| model | cbFD | FID (penultimate) | class TV |", "|---|---|---|---|",
           f"| step {args.ship} (shipped) | {fmt(ship['cbfd'])} | {fmt(ship['fid'])} | {fmt(ship['class_tv'])} |",
-          f"| step {args.extended} (+{100 * (args.extended - args.ship) / args.ship:.0f}%) | {fmt(ext['cbfd'])} "
+          f"| step {args.extended} ({more}) | {fmt(ext['cbfd'])} "
           f"| {fmt(ext['fid'])} | {fmt(ext['class_tv'])} |", "",
           f"Paired, step {args.extended} − step {args.ship}: cbFD {fmt(paired)}, FID {fmt(paired_fid)}.", "",
           f"The shipped model's step ladder ({sampler}, same noise): "
