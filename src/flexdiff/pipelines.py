@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Conditioning, embeds_guidance
-from .devices import placement
+from .devices import move, placement
 from .errors import FlexdiffError, first_line
 from .io import read_json_object
 
@@ -98,7 +98,7 @@ class PipelineParts:
         for part in DECODERS + TEXT_ENCODERS:
             m = getattr(self.pipe, part, None)
             if isinstance(m, torch.nn.Module):
-                m.to(device=device, dtype=torch.float32 if part in DECODERS else dtype)
+                move(m, device, torch.float32 if part in DECODERS else dtype)
         return self
 
     # ---- what it holds

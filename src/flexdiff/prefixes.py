@@ -100,7 +100,7 @@ class PrefixCache:
 
     @staticmethod
     def _key(schedule: Schedule, timesteps: torch.Tensor, batch: int, i: int) -> tuple:
-        return (batch, schedule.sampler, tuple(float(t) for t in timesteps),
+        return (batch, schedule.sampler, tuple(timesteps.tolist()),
                 tuple((s.kind.value, s.branch) for s in schedule.steps[:i]))
 
     @staticmethod

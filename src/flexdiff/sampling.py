@@ -59,9 +59,7 @@ def _sample_batch(unet: UNet, scheduler, engine: StepEngine, x: torch.Tensor,
     if resume is not None:  # an earlier run of the same first steps: go on from its state (prefixes.py)
         start, x = resume.step, resume.latents
         restore_scheduler(scheduler, resume.scheduler_state)
-    for i, t in enumerate(timesteps):
-        if i < start:
-            continue
+    for i, t in enumerate(timesteps[start:], start):
         if prefixes is not None and i > start:
             prefixes.store(schedule, timesteps, batch, i, x, scheduler)
         model_in = torch.cat([x, x]) if guided else x
